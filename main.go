@@ -1,0 +1,93 @@
+// Command airadm does what kubeadm does, split at the air gap: build one
+// self-contained file per node on a connected machine, apply it on the
+// air-gapped host.
+package main
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/alecthomas/kong"
+
+	"airadm.dev/airadm/render"
+)
+
+// CLI is the whole command line; each leaf command is a struct with Run.
+type CLI struct {
+	Init    InitCmd    `cmd:"" help:"Write a commented cluster.toml template."`
+	Render  RenderCmd  `cmd:"" help:"Write a node's file tree (what its bundle carries, without images) for review."`
+	Images  ImagesCmd  `cmd:"" help:"Container images of the cluster."`
+	Version VersionCmd `cmd:"" help:"Print the airadm and pinned Kubernetes versions."`
+}
+
+// Env is what commands get from the outside world; tests replace it.
+type Env struct {
+	Stdout io.Writer
+	Stderr io.Writer
+	Now    func() time.Time
+	Rand   io.Reader
+}
+
+// usageError marks bad usage or bad input: exit code 2.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func main() {
+	env := &Env{Stdout: os.Stdout, Stderr: os.Stderr, Now: time.Now, Rand: rand.Reader}
+	os.Exit(run(os.Args[1:], env))
+}
+
+// run parses args, runs the command and prints any error once, returning
+// the exit code: 0 success, 1 failure, 2 bad usage or input.
+func run(args []string, env *Env) (code int) {
+	var cli CLI
+	exited := false
+	parser, err := kong.New(&cli,
+		kong.Name("airadm"),
+		kong.Description("kubeadm, split at the air gap."),
+		kong.UsageOnError(),
+		kong.Writers(env.Stdout, env.Stderr),
+		kong.Exit(func(c int) { exited, code = true, c }),
+		kong.Bind(env),
+	)
+	if err != nil {
+		fmt.Fprintf(env.Stderr, "airadm: %v\n", err)
+		return 1
+	}
+	ctx, err := parser.Parse(args)
+	if exited {
+		return code
+	}
+	if err != nil {
+		fmt.Fprintf(env.Stderr, "airadm: %v\n", err)
+		return 2
+	}
+	if err := ctx.Run(); err != nil {
+		return report(env.Stderr, err)
+	}
+	return 0
+}
+
+// report prints err as one or more "airadm: ..." lines and picks the exit code.
+func report(w io.Writer, err error) int {
+	code := 1
+	var ue usageError
+	if errors.As(err, &ue) {
+		code = 2
+	}
+	var ce *render.ConfigError
+	if errors.As(err, &ce) {
+		for _, l := range ce.Lines() {
+			fmt.Fprintf(w, "airadm: %s\n", l)
+		}
+		return 2
+	}
+	fmt.Fprintf(w, "airadm: %v\n", err)
+	return code
+}

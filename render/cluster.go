@@ -1,0 +1,313 @@
+package render
+
+import (
+	"fmt"
+	"math/big"
+	"net"
+	"net/netip"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"airadm.dev/airadm/pki"
+)
+
+// Role is what a node does in the cluster.
+type Role string
+
+const (
+	ControlPlane Role = "control-plane"
+	Worker       Role = "worker"
+)
+
+// Cluster is a validated cluster.toml with every default filled in.
+type Cluster struct {
+	Name              string
+	KubernetesVersion string
+	// Endpoint is host:port of the API as every client sees it.
+	EndpointHost  string
+	EndpointPort  int
+	PodSubnet     netip.Prefix // invalid (zero) when unset, as kubeadm allows
+	ServiceSubnet netip.Prefix
+	DNSDomain     string
+	Algorithm     pki.Algorithm
+	CertValidity  time.Duration
+	CAValidity    time.Duration
+	ExtraSANs     []string
+	Repository    string
+	ExtraImages   []string
+	TokenTTL      time.Duration // 0 means the tokens never expire, as in kubeadm
+	CgroupDriver  string
+	CRISocket     string
+	Nodes         []Node
+}
+
+// Node is one host of the cluster.
+type Node struct {
+	Name    string
+	Role    Role
+	Address netip.Addr
+}
+
+// Defaults of kubeadm v1.37.2 (cmd/kubeadm/app/apis/kubeadm/v1beta4/defaults.go
+// and constants.go).
+const (
+	DefaultClusterName   = "kubernetes"
+	DefaultServiceSubnet = "10.96.0.0/12"
+	DefaultDNSDomain     = "cluster.local"
+	DefaultRepository    = "registry.k8s.io"
+	DefaultCertValidity  = "8760h"
+	DefaultCAValidity    = "87600h"
+	DefaultTokenTTL      = "24h"
+	DefaultCgroupDriver  = "systemd"
+	DefaultCRISocket     = "unix:///var/run/containerd/containerd.sock"
+	APIServerPort        = 6443
+)
+
+// Node returns the node called name.
+func (c *Cluster) Node(name string) (Node, bool) {
+	for _, n := range c.Nodes {
+		if n.Name == name {
+			return n, true
+		}
+	}
+	return Node{}, false
+}
+
+// ControlPlanes returns the control-plane nodes in config order.
+func (c *Cluster) ControlPlanes() []Node {
+	var out []Node
+	for _, n := range c.Nodes {
+		if n.Role == ControlPlane {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// Workers returns the worker nodes in config order.
+func (c *Cluster) Workers() []Node {
+	var out []Node
+	for _, n := range c.Nodes {
+		if n.Role == Worker {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// Endpoint is the control-plane endpoint as host:port.
+func (c *Cluster) Endpoint() string {
+	return net.JoinHostPort(c.EndpointHost, strconv.Itoa(c.EndpointPort))
+}
+
+var versionRE = regexp.MustCompile(`^v(\d+)\.(\d+)\.(\d+)$`)
+
+type collector struct{ problems []Problem }
+
+func (c *collector) add(field, format string, args ...any) {
+	c.problems = append(c.problems, Problem{Field: field, Msg: fmt.Sprintf(format, args...)})
+}
+
+// validate checks every field, gathering all problems rather than stopping
+// at the first, and fills in kubeadm's defaults.
+func (cfg *Config) validate() (*Cluster, []Problem) {
+	var p collector
+	c := &Cluster{
+		Name:              orDefault(cfg.Name, DefaultClusterName),
+		KubernetesVersion: orDefault(cfg.KubernetesVersion, KubernetesVersion),
+		DNSDomain:         orDefault(cfg.Network.DNSDomain, DefaultDNSDomain),
+		Algorithm:         pki.Algorithm(orDefault(cfg.PKI.Algorithm, string(pki.RSA2048))),
+		Repository:        strings.TrimSuffix(orDefault(cfg.Images.Repository, DefaultRepository), "/"),
+		ExtraImages:       cfg.Images.Extra,
+		ExtraSANs:         cfg.PKI.ExtraSANs,
+		CgroupDriver:      orDefault(cfg.Kubelet.CgroupDriver, DefaultCgroupDriver),
+		CRISocket:         orDefault(cfg.Kubelet.CRISocket, DefaultCRISocket),
+	}
+
+	if errs := validation.IsDNS1123Subdomain(c.Name); len(errs) > 0 {
+		p.add("name", "%q is not a valid DNS-1123 subdomain: %s", c.Name, errs[0])
+	}
+	if m := versionRE.FindStringSubmatch(c.KubernetesVersion); m == nil {
+		p.add("kubernetes_version", "%q is not a version of the form v1.37.2", c.KubernetesVersion)
+	} else if pinned := versionRE.FindStringSubmatch(KubernetesVersion); m[1] != pinned[1] || m[2] != pinned[2] {
+		p.add("kubernetes_version", "%s is not supported: this airadm renders Kubernetes v%s.%s.x", c.KubernetesVersion, pinned[1], pinned[2])
+	}
+	if !c.Algorithm.Valid() {
+		var names []string
+		for _, a := range pki.Algorithms() {
+			names = append(names, string(a))
+		}
+		p.add("pki.algorithm", "%q is not one of %s", c.Algorithm, strings.Join(names, ", "))
+	}
+	c.CertValidity = duration(&p, "pki.cert_validity", orDefault(cfg.PKI.CertValidity, DefaultCertValidity), false)
+	c.CAValidity = duration(&p, "pki.ca_validity", orDefault(cfg.PKI.CAValidity, DefaultCAValidity), false)
+	if c.CertValidity > 0 && c.CAValidity > 0 && c.CertValidity > c.CAValidity {
+		p.add("pki.cert_validity", "%s outlasts pki.ca_validity %s", cfg.PKI.CertValidity, orDefault(cfg.PKI.CAValidity, DefaultCAValidity))
+	}
+	c.TokenTTL = duration(&p, "join.token_ttl", orDefault(cfg.Join.TokenTTL, DefaultTokenTTL), true)
+	for i, san := range c.ExtraSANs {
+		if _, err := netip.ParseAddr(san); err == nil {
+			continue
+		}
+		if len(validation.IsDNS1123Subdomain(san)) > 0 && len(validation.IsWildcardDNS1123Subdomain(san)) > 0 {
+			p.add(fmt.Sprintf("pki.extra_sans[%d]", i), "%q is neither an IP address nor a DNS name", san)
+		}
+	}
+	if errs := validation.IsDNS1123Subdomain(c.DNSDomain); len(errs) > 0 {
+		p.add("network.dns_domain", "%q is not a valid DNS domain: %s", c.DNSDomain, errs[0])
+	}
+	if c.CgroupDriver != "systemd" && c.CgroupDriver != "cgroupfs" {
+		p.add("kubelet.cgroup_driver", "%q is neither systemd nor cgroupfs", c.CgroupDriver)
+	}
+	if !strings.HasPrefix(c.CRISocket, "unix://") {
+		p.add("kubelet.cri_socket", "%q is not a unix:// socket URL", c.CRISocket)
+	}
+	if _, err := name.NewRegistry(strings.SplitN(c.Repository, "/", 2)[0]); err != nil || strings.Contains(c.Repository, ":/") {
+		p.add("images.repository", "%q is not a registry host with an optional path", c.Repository)
+	}
+	for i, ref := range c.ExtraImages {
+		if _, err := name.ParseReference(ref, name.StrictValidation); err != nil {
+			p.add(fmt.Sprintf("images.extra[%d]", i), "%q is not a fully qualified image reference (registry/repository:tag or @digest)", ref)
+		}
+	}
+
+	c.ServiceSubnet = subnet(&p, "network.service_subnet", orDefault(cfg.Network.ServiceSubnet, DefaultServiceSubnet))
+	if c.ServiceSubnet.IsValid() {
+		hostBits := c.ServiceSubnet.Addr().BitLen() - c.ServiceSubnet.Bits()
+		// kubeadm: at least 10 addresses and at most 20 host bits.
+		if addresses(hostBits).Cmp(big.NewInt(10)) < 0 {
+			p.add("network.service_subnet", "%s is too small: it needs room for at least 10 addresses", c.ServiceSubnet)
+		} else if hostBits > 20 {
+			p.add("network.service_subnet", "%s is too large: at most 20 host bits (a /%d)", c.ServiceSubnet, c.ServiceSubnet.Addr().BitLen()-20)
+		}
+	}
+	if cfg.Network.PodSubnet != "" {
+		c.PodSubnet = subnet(&p, "network.pod_subnet", cfg.Network.PodSubnet)
+		if c.PodSubnet.IsValid() {
+			// kube-controller-manager hands each node a /24 (IPv4) or /64 (IPv6).
+			nodeMask := 24
+			if c.PodSubnet.Addr().Is6() {
+				nodeMask = 64
+			}
+			if c.PodSubnet.Bits() > nodeMask {
+				p.add("network.pod_subnet", "%s is too small: each node gets a /%d from it", c.PodSubnet, nodeMask)
+			}
+			if c.ServiceSubnet.IsValid() && c.PodSubnet.Overlaps(c.ServiceSubnet) {
+				p.add("network.pod_subnet", "%s overlaps network.service_subnet %s", c.PodSubnet, c.ServiceSubnet)
+			}
+		}
+	}
+
+	endpoint := cfg.ControlPlaneEndpoint
+	if endpoint != "" {
+		host, port, err := net.SplitHostPort(endpoint)
+		pn, perr := strconv.Atoi(port)
+		switch {
+		case err != nil:
+			p.add("control_plane_endpoint", "%q is not host:port", endpoint)
+		case perr != nil || pn < 1 || pn > 65535:
+			p.add("control_plane_endpoint", "%q has no valid port", endpoint)
+		case net.ParseIP(host) == nil && len(validation.IsDNS1123Subdomain(host)) > 0:
+			p.add("control_plane_endpoint", "%q: host is neither an IP address nor a DNS name", endpoint)
+		default:
+			c.EndpointHost, c.EndpointPort = host, pn
+		}
+	}
+
+	names := map[string]int{}
+	addrs := map[netip.Addr]int{}
+	for i, n := range cfg.Nodes {
+		field := fmt.Sprintf("nodes[%d]", i)
+		node := Node{Name: n.Name, Role: Role(n.Role)}
+		if n.Name == "" {
+			p.add(field+".name", "missing")
+		} else if errs := validation.IsDNS1123Subdomain(n.Name); len(errs) > 0 {
+			p.add(field+".name", "%q is not a valid DNS-1123 subdomain: %s", n.Name, errs[0])
+		} else if j, dup := names[n.Name]; dup {
+			p.add(field+".name", "%q is already the name of nodes[%d]", n.Name, j)
+		} else {
+			names[n.Name] = i
+		}
+		if node.Role != ControlPlane && node.Role != Worker {
+			p.add(field+".role", "%q is neither %q nor %q", n.Role, ControlPlane, Worker)
+		}
+		addr, err := netip.ParseAddr(n.Address)
+		switch {
+		case n.Address == "":
+			p.add(field+".address", "missing")
+		case err != nil || addr.Zone() != "":
+			p.add(field+".address", "%q is not an IP address", n.Address)
+		case addr.IsUnspecified() || addr.IsMulticast():
+			p.add(field+".address", "%s cannot be a node address", addr)
+		default:
+			addr = addr.Unmap()
+			if j, dup := addrs[addr]; dup {
+				p.add(field+".address", "%s is already the address of nodes[%d]", addr, j)
+			} else {
+				addrs[addr] = i
+			}
+			if c.ServiceSubnet.IsValid() && c.ServiceSubnet.Contains(addr) {
+				p.add(field+".address", "%s lies inside network.service_subnet %s", addr, c.ServiceSubnet)
+			}
+			if c.PodSubnet.IsValid() && c.PodSubnet.Contains(addr) {
+				p.add(field+".address", "%s lies inside network.pod_subnet %s", addr, c.PodSubnet)
+			}
+			node.Address = addr
+		}
+		c.Nodes = append(c.Nodes, node)
+	}
+	if len(cfg.Nodes) == 0 {
+		p.add("nodes", "no nodes: add at least one [[nodes]] with role = %q", ControlPlane)
+	} else if len(c.ControlPlanes()) == 0 {
+		p.add("nodes", "no node has role = %q", ControlPlane)
+	}
+	if endpoint == "" {
+		if cps := c.ControlPlanes(); len(cps) > 0 && cps[0].Address.IsValid() {
+			c.EndpointHost, c.EndpointPort = cps[0].Address.String(), APIServerPort
+		}
+		if len(c.ControlPlanes()) > 1 {
+			p.add("control_plane_endpoint", "required with %d control-plane nodes: name a load balancer or VIP in front of them", len(c.ControlPlanes()))
+		}
+	}
+	return c, p.problems
+}
+
+func orDefault(v, def string) string {
+	if v == "" {
+		return def
+	}
+	return v
+}
+
+func duration(p *collector, field, s string, zeroOK bool) time.Duration {
+	d, err := time.ParseDuration(s)
+	switch {
+	case err != nil:
+		p.add(field, "%q is not a duration such as 8760h or 30m", s)
+	case d < 0 || (d == 0 && !zeroOK):
+		p.add(field, "%q must be positive", s)
+	}
+	return d
+}
+
+func subnet(p *collector, field, s string) netip.Prefix {
+	pfx, err := netip.ParsePrefix(s)
+	if err != nil {
+		p.add(field, "%q is not a CIDR such as 10.96.0.0/12", s)
+		return netip.Prefix{}
+	}
+	if pfx.Masked() != pfx {
+		p.add(field, "%q has host bits set; did you mean %s?", s, pfx.Masked())
+		return netip.Prefix{}
+	}
+	return pfx
+}
+
+func addresses(hostBits int) *big.Int {
+	return new(big.Int).Lsh(big.NewInt(1), uint(hostBits))
+}

@@ -1,0 +1,235 @@
+package render
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Config is cluster.toml exactly as written; Validate turns it into a Cluster.
+// Every key that a file may hold is a field here: anything else is an error.
+type Config struct {
+	Name                 string        `toml:"name"`
+	KubernetesVersion    string        `toml:"kubernetes_version"`
+	ControlPlaneEndpoint string        `toml:"control_plane_endpoint"`
+	Network              NetworkConfig `toml:"network"`
+	PKI                  PKIConfig     `toml:"pki"`
+	Images               ImagesConfig  `toml:"images"`
+	Join                 JoinConfig    `toml:"join"`
+	Kubelet              KubeletConfig `toml:"kubelet"`
+	Nodes                []NodeConfig  `toml:"nodes"`
+}
+
+type NetworkConfig struct {
+	PodSubnet     string `toml:"pod_subnet"`
+	ServiceSubnet string `toml:"service_subnet"`
+	DNSDomain     string `toml:"dns_domain"`
+}
+
+type PKIConfig struct {
+	Algorithm    string   `toml:"algorithm"`
+	CertValidity string   `toml:"cert_validity"`
+	CAValidity   string   `toml:"ca_validity"`
+	ExtraSANs    []string `toml:"extra_sans"`
+}
+
+type ImagesConfig struct {
+	Repository string   `toml:"repository"`
+	Extra      []string `toml:"extra"`
+}
+
+type JoinConfig struct {
+	TokenTTL string `toml:"token_ttl"`
+}
+
+// KubeletConfig holds the few kubelet settings that differ between hosts
+// kinds; everything else follows kubeadm.
+type KubeletConfig struct {
+	CgroupDriver string `toml:"cgroup_driver"`
+	CRISocket    string `toml:"cri_socket"`
+}
+
+type NodeConfig struct {
+	Name    string `toml:"name"`
+	Role    string `toml:"role"`
+	Address string `toml:"address"`
+}
+
+// Problem is one thing wrong with a config file, located as precisely as the
+// file allows.
+type Problem struct {
+	Line  int    // 1-based; 0 when the problem has no single line
+	Field string // dotted key path such as nodes[1].address; empty for the whole file
+	Msg   string
+}
+
+// ConfigError carries every problem found in one config file.
+type ConfigError struct {
+	File     string
+	Problems []Problem
+}
+
+func (e *ConfigError) Error() string {
+	return strings.Join(e.Lines(), "; ")
+}
+
+// Lines renders each problem on a line of its own as file:line: field: message.
+func (e *ConfigError) Lines() []string {
+	out := make([]string, 0, len(e.Problems))
+	for _, p := range e.Problems {
+		loc := e.File
+		if p.Line > 0 {
+			loc = fmt.Sprintf("%s:%d", e.File, p.Line)
+		}
+		if p.Field != "" {
+			out = append(out, fmt.Sprintf("%s: %s: %s", loc, p.Field, p.Msg))
+		} else {
+			out = append(out, fmt.Sprintf("%s: %s", loc, p.Msg))
+		}
+	}
+	return out
+}
+
+// Load reads, strictly decodes and validates a cluster.toml.
+func Load(path string) (*Cluster, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse decodes and validates config bytes; name is used in messages only.
+func Parse(name string, data []byte) (*Cluster, error) {
+	var cfg Config
+	md, err := toml.Decode(string(data), &cfg)
+	if err != nil {
+		var pe toml.ParseError
+		if errors.As(err, &pe) {
+			return nil, &ConfigError{File: name, Problems: []Problem{{Line: pe.Position.Line, Msg: pe.Message}}}
+		}
+		return nil, &ConfigError{File: name, Problems: []Problem{{Msg: err.Error()}}}
+	}
+	lines := keyLines(string(data))
+	var problems []Problem
+	for _, k := range md.Undecoded() {
+		key := k.String()
+		found := false
+		for path, line := range lines {
+			if stripIndexes(path) == key {
+				problems = append(problems, Problem{Line: line, Field: path, Msg: "unknown key"})
+				found = true
+			}
+		}
+		if !found {
+			problems = append(problems, Problem{Field: key, Msg: "unknown key"})
+		}
+	}
+	cluster, vproblems := cfg.validate()
+	for _, p := range vproblems {
+		p.Line = lineOf(lines, p.Field)
+		problems = append(problems, p)
+	}
+	if len(problems) > 0 {
+		sort.SliceStable(problems, func(i, j int) bool {
+			if problems[i].Line != problems[j].Line {
+				return problems[i].Line < problems[j].Line
+			}
+			return problems[i].Field < problems[j].Field
+		})
+		return nil, &ConfigError{File: name, Problems: problems}
+	}
+	return cluster, nil
+}
+
+// lineOf finds the line of field, or of its closest parent that is written
+// down (a table header), so that a missing key points at its table.
+func lineOf(lines map[string]int, field string) int {
+	for f := field; f != ""; {
+		if l, ok := lines[f]; ok {
+			return l
+		}
+		i := strings.LastIndexAny(f, ".[")
+		if i < 0 {
+			return 0
+		}
+		f = f[:i]
+	}
+	return 0
+}
+
+func stripIndexes(path string) string {
+	var b strings.Builder
+	skip := false
+	for _, r := range path {
+		switch {
+		case r == '[':
+			skip = true
+		case r == ']':
+			skip = false
+		case !skip:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
+}
+
+// keyLines maps each key path written in a TOML document (with [i] for
+// elements of arrays of tables) to its line. BurntSushi/toml keeps key
+// positions private, so this reads the few forms a cluster.toml uses: table
+// headers, arrays of tables and bare or dotted keys. Lines it cannot place are
+// left out, and a message then names the field without a line.
+func keyLines(doc string) map[string]int {
+	out := map[string]int{}
+	counts := map[string]int{}
+	table := ""
+	inMultiline := ""
+	for i, raw := range strings.Split(doc, "\n") {
+		n := i + 1
+		line := strings.TrimSpace(raw)
+		if inMultiline != "" {
+			if strings.Contains(line, inMultiline) {
+				inMultiline = ""
+			}
+			continue
+		}
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		switch {
+		case strings.HasPrefix(line, "[["):
+			name := strings.TrimSpace(strings.TrimSuffix(strings.SplitN(line[2:], "]]", 2)[0], "]]"))
+			idx := counts[name]
+			counts[name]++
+			table = fmt.Sprintf("%s[%d]", name, idx)
+			out[table] = n
+		case strings.HasPrefix(line, "["):
+			table = strings.TrimSpace(strings.SplitN(line[1:], "]", 2)[0])
+			out[table] = n
+		default:
+			eq := strings.Index(line, "=")
+			if eq <= 0 {
+				continue
+			}
+			key := strings.Trim(strings.TrimSpace(line[:eq]), `"'`)
+			key = strings.ReplaceAll(key, " ", "")
+			if table != "" {
+				key = table + "." + key
+			}
+			if _, seen := out[key]; !seen {
+				out[key] = n
+			}
+			rest := strings.TrimSpace(line[eq+1:])
+			for _, q := range []string{`"""`, `'''`} {
+				if strings.HasPrefix(rest, q) && !strings.Contains(rest[3:], q) {
+					inMultiline = q
+				}
+			}
+		}
+	}
+	return out
+}

@@ -1,0 +1,326 @@
+// Package secrets keeps a cluster's secret state in the secrets/ directory
+// beside cluster.toml: the three CAs, the service-account key, each
+// control-plane node's issued leaves and each worker's bootstrap token.
+// Material is created on first use and reused afterwards, so that repeated
+// builds give the same bytes and a node added later is issued from the same
+// CAs. CAs and the service-account key are never regenerated.
+//
+// Layout (modes in brackets):
+//
+//	secrets/                       [0700]
+//	  .lock                        [0600] held with flock for the whole run
+//	  pki/ca.{crt,key}             [0644, 0600]  and front-proxy-ca, etcd/ca
+//	  pki/sa.key                   [0600]
+//	  nodes/<node>/<leaf>.{crt,key}[0644, 0600]
+//	  tokens/<node>.token          [0600] "id.secret"
+package secrets
+
+import (
+	"crypto"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	bootstrapapi "k8s.io/cluster-bootstrap/token/api"
+	bootstraputil "k8s.io/cluster-bootstrap/token/util"
+
+	"airadm.dev/airadm/atomicfile"
+	"airadm.dev/airadm/pki"
+	"airadm.dev/airadm/render"
+)
+
+// Store is an open, locked secrets directory.
+type Store struct {
+	dir  string
+	lock *os.File
+	now  func() time.Time
+	rand io.Reader
+	// Log receives one line per piece of material created; nil discards.
+	// Lines name files, never their content.
+	Log func(string)
+}
+
+// ErrLocked means another airadm run holds the directory.
+var ErrLocked = errors.New("another airadm run is using it")
+
+// Open creates dir if needed (0700) and locks it against concurrent runs.
+// now and rand are the clock and randomness every issued item uses.
+func Open(dir string, now func() time.Time, random io.Reader) (*Store, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("opening secrets %s: %w", dir, err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("opening secrets %s: %w", dir, err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("locking secrets %s: %w", dir, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("locking secrets %s: %w", dir, ErrLocked)
+		}
+		return nil, fmt.Errorf("locking secrets %s: %w", dir, err)
+	}
+	return &Store{dir: dir, lock: f, now: now, rand: random}, nil
+}
+
+// Close releases the lock.
+func (s *Store) Close() error { return s.lock.Close() }
+
+func (s *Store) logf(format string, args ...any) {
+	if s.Log != nil {
+		s.Log(fmt.Sprintf(format, args...))
+	}
+}
+
+// Ensure loads every secret the cluster needs, creating what is missing and
+// reissuing a leaf whose subject or SANs no longer match the config (say,
+// after extra_sans changed) or that has expired.
+func (s *Store) Ensure(c *render.Cluster) (*render.Secrets, error) {
+	out := &render.Secrets{
+		CAs:    map[render.CA]pki.Pair{},
+		Leaves: map[string]map[string]pki.Pair{},
+		Tokens: map[string]render.Token{},
+	}
+	now := s.now()
+	for _, ca := range render.CAs() {
+		p, err := s.ensureCA(c, string(ca.CA), ca.CommonName, now)
+		if err != nil {
+			return nil, err
+		}
+		out.CAs[ca.CA] = p
+	}
+	sa, err := s.ensureServiceAccountKey(c)
+	if err != nil {
+		return nil, err
+	}
+	out.ServiceAccountKey = sa
+	for _, n := range c.Nodes {
+		if n.Role == render.Worker {
+			t, err := s.ensureToken(n.Name)
+			if err != nil {
+				return nil, err
+			}
+			out.Tokens[n.Name] = t
+			continue
+		}
+		out.Leaves[n.Name] = map[string]pki.Pair{}
+		for _, leaf := range c.Leaves(n) {
+			p, err := s.ensureLeaf(c, n, leaf, out.CAs[leaf.CA], now)
+			if err != nil {
+				return nil, err
+			}
+			out.Leaves[n.Name][leaf.Name] = p
+		}
+	}
+	return out, nil
+}
+
+func (s *Store) path(parts ...string) string {
+	return filepath.Join(append([]string{s.dir}, parts...)...)
+}
+
+// loadPair reads base.crt and base.key; ok is false when neither exists.
+func loadPair(base string) (p pki.Pair, ok bool, err error) {
+	certPEM, cerr := os.ReadFile(base + ".crt")
+	keyPEM, kerr := os.ReadFile(base + ".key")
+	if errors.Is(cerr, fs.ErrNotExist) && errors.Is(kerr, fs.ErrNotExist) {
+		return pki.Pair{}, false, nil
+	}
+	if cerr != nil {
+		return pki.Pair{}, false, fmt.Errorf("reading %s.crt: %w", base, cerr)
+	}
+	if kerr != nil {
+		return pki.Pair{}, false, fmt.Errorf("reading %s.key: %w", base, kerr)
+	}
+	cert, err := pki.ParseCert(certPEM)
+	if err != nil {
+		return pki.Pair{}, false, fmt.Errorf("reading %s.crt: %w", base, err)
+	}
+	key, err := pki.ParseKey(keyPEM)
+	if err != nil {
+		return pki.Pair{}, false, fmt.Errorf("reading %s.key: %w", base, err)
+	}
+	if !pki.KeyMatches(cert, key) {
+		return pki.Pair{}, false, fmt.Errorf("reading %s.key: it is not the key of %s.crt", base, base)
+	}
+	return pki.Pair{Cert: cert, Key: key}, true, nil
+}
+
+func writePair(base string, p pki.Pair) error {
+	if err := os.MkdirAll(filepath.Dir(base), 0o700); err != nil {
+		return fmt.Errorf("writing %s: %w", base, err)
+	}
+	key, err := pki.EncodeKey(p.Key)
+	if err != nil {
+		return err
+	}
+	// Key first: a crash between the two leaves a key without a cert,
+	// which loadPair reports rather than silently pairing mismatched halves.
+	if err := atomicfile.Write(base+".key", key, 0o600); err != nil {
+		return err
+	}
+	return atomicfile.Write(base+".crt", pki.EncodeCert(p.Cert), 0o644)
+}
+
+func (s *Store) ensureCA(c *render.Cluster, base, cn string, now time.Time) (pki.Pair, error) {
+	file := s.path("pki", base)
+	p, ok, err := loadPair(file)
+	if err != nil {
+		return pki.Pair{}, err
+	}
+	if ok {
+		if !p.Cert.IsCA {
+			return pki.Pair{}, fmt.Errorf("reading %s.crt: not a CA certificate", file)
+		}
+		if got := pki.AlgorithmOf(p.Cert.PublicKey); got != c.Algorithm {
+			return pki.Pair{}, fmt.Errorf("reading %s.crt: its key is %s but pki.algorithm is %s; CAs are never regenerated, so set pki.algorithm = %q or move %s away to start a new cluster", file, orUnknown(got), c.Algorithm, got, s.dir)
+		}
+		return p, nil
+	}
+	p, err = pki.NewCA(c.Algorithm, cn, now, c.CAValidity, s.rand)
+	if err != nil {
+		return pki.Pair{}, err
+	}
+	if err := writePair(file, p); err != nil {
+		return pki.Pair{}, err
+	}
+	s.logf("created %s.crt", file)
+	return p, nil
+}
+
+func orUnknown(a pki.Algorithm) string {
+	if a == "" {
+		return "of an unsupported kind"
+	}
+	return string(a)
+}
+
+func (s *Store) ensureServiceAccountKey(c *render.Cluster) (crypto.Signer, error) {
+	file := s.path("pki", "sa.key")
+	b, err := os.ReadFile(file)
+	if err == nil {
+		k, err := pki.ParseKey(b)
+		if err != nil {
+			return nil, fmt.Errorf("reading %s: %w", file, err)
+		}
+		return k, nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("reading %s: %w", file, err)
+	}
+	// kubeadm's CreateServiceAccountKeyAndPublicKeyFiles uses encryptionAlgorithm too.
+	k, err := pki.GenerateKey(c.Algorithm)
+	if err != nil {
+		return nil, err
+	}
+	pemKey, err := pki.EncodeKey(k)
+	if err != nil {
+		return nil, err
+	}
+	if err := atomicfile.Write(file, pemKey, 0o600); err != nil {
+		return nil, err
+	}
+	s.logf("created %s", file)
+	return k, nil
+}
+
+func (s *Store) ensureLeaf(c *render.Cluster, n render.Node, leaf render.Leaf, ca pki.Pair, now time.Time) (pki.Pair, error) {
+	file := s.path("nodes", n.Name, leaf.Name)
+	p, ok, err := loadPair(file)
+	if err != nil {
+		return pki.Pair{}, err
+	}
+	reason := "created"
+	if ok {
+		switch {
+		case p.Cert.CheckSignatureFrom(ca.Cert) != nil:
+			reason = "reissued (the CA changed)"
+		case !pki.Matches(p.Cert, leaf.Spec):
+			reason = "reissued (names in the config changed)"
+		case pki.AlgorithmOf(p.Cert.PublicKey) != c.Algorithm:
+			reason = "reissued (pki.algorithm changed)"
+		case !now.Before(p.Cert.NotAfter):
+			reason = "reissued (expired)"
+		default:
+			return p, nil
+		}
+	}
+	notBefore := now.Add(-pki.Backdate)
+	if leaf.FromCANotBefore {
+		notBefore = ca.Cert.NotBefore
+	}
+	p, err = pki.Sign(ca, c.Algorithm, leaf.Spec, notBefore, now.Add(c.CertValidity), s.rand)
+	if err != nil {
+		return pki.Pair{}, err
+	}
+	if err := writePair(file, p); err != nil {
+		return pki.Pair{}, err
+	}
+	s.logf("%s %s.crt", reason, file)
+	return p, nil
+}
+
+func (s *Store) ensureToken(node string) (render.Token, error) {
+	file := s.path("tokens", node+".token")
+	b, err := os.ReadFile(file)
+	if err == nil {
+		tok := strings.TrimSpace(string(b))
+		if !bootstraputil.IsValidBootstrapToken(tok) {
+			// The content is a secret, so the message leaves it out.
+			return render.Token{}, fmt.Errorf("reading %s: not a bootstrap token of the form [a-z0-9]{6}.[a-z0-9]{16}", file)
+		}
+		id, secret, _ := strings.Cut(tok, ".")
+		return render.Token{ID: id, Secret: secret}, nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return render.Token{}, fmt.Errorf("reading %s: %w", file, err)
+	}
+	id, err := s.randomString(bootstrapapi.BootstrapTokenIDBytes)
+	if err != nil {
+		return render.Token{}, err
+	}
+	secret, err := s.randomString(bootstrapapi.BootstrapTokenSecretBytes)
+	if err != nil {
+		return render.Token{}, err
+	}
+	t := render.Token{ID: id, Secret: secret}
+	if !bootstraputil.IsValidBootstrapToken(t.String()) {
+		return render.Token{}, fmt.Errorf("generating bootstrap token: result does not match %s", bootstrapapi.BootstrapTokenPattern)
+	}
+	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
+		return render.Token{}, fmt.Errorf("writing %s: %w", file, err)
+	}
+	if err := atomicfile.Write(file, []byte(t.String()+"\n"), 0o600); err != nil {
+		return render.Token{}, err
+	}
+	s.logf("created %s", file)
+	return t, nil
+}
+
+// tokenChars is the alphabet of bootstrap tokens (cluster-bootstrap keeps
+// its copy private).
+const tokenChars = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+func (s *Store) randomString(n int) (string, error) {
+	b := make([]byte, n)
+	limit := big.NewInt(int64(len(tokenChars)))
+	for i := range b {
+		v, err := rand.Int(s.rand, limit)
+		if err != nil {
+			return "", fmt.Errorf("generating bootstrap token: %w", err)
+		}
+		b[i] = tokenChars[v.Int64()]
+	}
+	return string(b), nil
+}
