@@ -129,8 +129,8 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 		CRISocket:         orDefault(cfg.Kubelet.CRISocket, DefaultCRISocket),
 	}
 
-	if errs := validation.IsDNS1123Subdomain(c.Name); len(errs) > 0 {
-		p.add("name", "%q is not a valid DNS-1123 subdomain: %s", c.Name, errs[0])
+	if len(validation.IsDNS1123Subdomain(c.Name)) > 0 {
+		p.add("name", "%q is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')", c.Name)
 	}
 	if m := versionRE.FindStringSubmatch(c.KubernetesVersion); m == nil {
 		p.add("kubernetes_version", "%q is not a version of the form v1.37.2", c.KubernetesVersion)
@@ -158,8 +158,8 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 			p.add(fmt.Sprintf("pki.extra_sans[%d]", i), "%q is neither an IP address nor a DNS name", san)
 		}
 	}
-	if errs := validation.IsDNS1123Subdomain(c.DNSDomain); len(errs) > 0 {
-		p.add("network.dns_domain", "%q is not a valid DNS domain: %s", c.DNSDomain, errs[0])
+	if len(validation.IsDNS1123Subdomain(c.DNSDomain)) > 0 {
+		p.add("network.dns_domain", "%q is not a DNS domain (lowercase letters, digits, '-' and '.')", c.DNSDomain)
 	}
 	if c.CgroupDriver != "systemd" && c.CgroupDriver != "cgroupfs" {
 		p.add("kubelet.cgroup_driver", "%q is neither systemd nor cgroupfs", c.CgroupDriver)
@@ -226,8 +226,8 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 		node := Node{Name: n.Name, Role: Role(n.Role)}
 		if n.Name == "" {
 			p.add(field+".name", "missing")
-		} else if errs := validation.IsDNS1123Subdomain(n.Name); len(errs) > 0 {
-			p.add(field+".name", "%q is not a valid DNS-1123 subdomain: %s", n.Name, errs[0])
+		} else if len(validation.IsDNS1123Subdomain(n.Name)) > 0 {
+			p.add(field+".name", "%q is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')", n.Name)
 		} else if j, dup := names[n.Name]; dup {
 			p.add(field+".name", "%q is already the name of nodes[%d]", n.Name, j)
 		} else {

@@ -25,9 +25,6 @@ type File struct {
 	Data []byte
 }
 
-// Secret reports whether the file holds a private key or a credential.
-func (f File) Secret() bool { return f.Mode&0o077 == 0 }
-
 // Files of airadm's own, read by the on-host phases.
 const (
 	KubeadmConfigFile = AiradmStateDir + "/kubeadm-config.yaml"

@@ -1,7 +1,7 @@
 // Scratch module that builds etcd from the Go module proxy. etcd's server
 // module replaces its sibling modules with relative paths, so they are pinned
 // here to the same release instead.
-module airadm.dev/hack/etcdbin
+module airadm.dev/hack/k8sbin/etcd
 
 go 1.26.0
 

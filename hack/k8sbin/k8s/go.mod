@@ -1,9 +1,10 @@
 // Scratch module that builds the pinned Kubernetes binaries from the Go module
 // proxy. k8s.io/kubernetes cannot be `go install`ed because its go.mod has
 // replace directives into ./staging; this module maps each of them to the
-// published k8s.io/X module of the same release. Keep KubernetesVersion in
-// ../../versions/versions.go and this file in step (TestScratchModulesPinned checks).
-module airadm.dev/hack/k8sbin
+// published k8s.io/X module of the same release. render.KubernetesVersion
+// pins the release; TestPinnedVersionsAgree keeps this file in step.
+// Build with `go run ./hack/k8sbin` from the repository root.
+module airadm.dev/hack/k8sbin/k8s
 
 go 1.26.0
 

@@ -1,0 +1,114 @@
+package render
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// Each testdata/invalid-*.toml declares the exact problems it must produce,
+// in order, as "# want:" lines at its top.
+func TestInvalidConfigs(t *testing.T) {
+	files, err := filepath.Glob("testdata/invalid-*.toml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no fixtures: %v", err)
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			data, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var want []string
+			for _, l := range strings.Split(string(data), "\n") {
+				if w, ok := strings.CutPrefix(l, "# want: "); ok {
+					want = append(want, w)
+				}
+			}
+			_, err = Parse(filepath.Base(f), data)
+			var ce *ConfigError
+			if !errors.As(err, &ce) {
+				t.Fatalf("Parse = %v, want a *ConfigError", err)
+			}
+			if got := ce.Lines(); !slices.Equal(got, want) {
+				t.Errorf("problems:\n got: %s\nwant: %s", strings.Join(got, "\n      "), strings.Join(want, "\n      "))
+			}
+		})
+	}
+}
+
+func TestTemplateValidates(t *testing.T) {
+	c, err := Parse("template", []byte(Template))
+	if err != nil {
+		t.Fatalf("the init template does not validate: %v", err)
+	}
+	if c.Name != "dc1" || len(c.Nodes) != 2 {
+		t.Errorf("template cluster = %+v", c)
+	}
+}
+
+func TestDefaultsMatchKubeadm(t *testing.T) {
+	c, err := Parse("min.toml", []byte(`
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "10.0.0.11"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checks := []struct{ field, got, want string }{
+		{"name", c.Name, "kubernetes"},
+		{"kubernetes_version", c.KubernetesVersion, KubernetesVersion},
+		{"endpoint", c.Endpoint(), "10.0.0.11:6443"},
+		{"service_subnet", c.ServiceSubnet.String(), "10.96.0.0/12"},
+		{"pod_subnet set", boolString(c.PodSubnet.IsValid()), "false"},
+		{"dns_domain", c.DNSDomain, "cluster.local"},
+		{"algorithm", string(c.Algorithm), "RSA-2048"},
+		{"cert_validity", c.CertValidity.String(), "8760h0m0s"},
+		{"ca_validity", c.CAValidity.String(), "87600h0m0s"},
+		{"repository", c.Repository, "registry.k8s.io"},
+		{"token_ttl", c.TokenTTL.String(), "24h0m0s"},
+		{"dns ip", c.DNSServiceIP().String(), "10.96.0.10"},
+		{"apiserver ip", c.APIServerServiceIP().String(), "10.96.0.1"},
+	}
+	for _, ch := range checks {
+		if ch.got != ch.want {
+			t.Errorf("%s = %q, want %q", ch.field, ch.got, ch.want)
+		}
+	}
+}
+
+func boolString(b bool) string {
+	if b {
+		return "true"
+	}
+	return "false"
+}
+
+func TestImagesMatchKubeadmList(t *testing.T) {
+	c, err := Parse("t.toml", []byte(Template))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// `kubeadm config images list` for v1.37.2 (REAL-CLUSTER-NOTES.md).
+	want := []string{
+		"registry.k8s.io/kube-apiserver:v1.37.2",
+		"registry.k8s.io/kube-controller-manager:v1.37.2",
+		"registry.k8s.io/kube-scheduler:v1.37.2",
+		"registry.k8s.io/kube-proxy:v1.37.2",
+		"registry.k8s.io/coredns/coredns:v1.14.6",
+		"registry.k8s.io/pause:3.10.2",
+		"registry.k8s.io/etcd:3.7.0-0",
+	}
+	if got := c.Images(); !slices.Equal(got, want) {
+		t.Errorf("Images() = %q, want %q", got, want)
+	}
+	c.Repository = "mirror.example:5000/k8s"
+	if got := c.CoreImages()[4].Ref; got != "mirror.example:5000/k8s/coredns:v1.14.6" {
+		t.Errorf("coredns on a mirror = %q; kubeadm drops the coredns/ sub-path off registry.k8s.io", got)
+	}
+}
