@@ -17,7 +17,7 @@ import (
 
 // configFlag is shared by every command that reads cluster.toml.
 type configFlag struct {
-	Config string `short:"c" default:"cluster.toml" type:"path" help:"Cluster config; secrets/ beside it holds the cluster's keys."`
+	Config string `short:"c" default:"cluster.toml" help:"Cluster config; secrets/ beside it holds the cluster's keys."`
 }
 
 func (f configFlag) load() (*render.Cluster, error) {
@@ -51,7 +51,7 @@ func (f configFlag) secrets(env *Env, c *render.Cluster) (*render.Secrets, func(
 
 // InitCmd writes the template.
 type InitCmd struct {
-	Dir   string `arg:"" optional:"" default:"." type:"path" help:"Directory to write cluster.toml into."`
+	Dir   string `arg:"" optional:"" default:"." help:"Directory to write cluster.toml into."`
 	Force bool   `help:"Replace an existing cluster.toml."`
 }
 
@@ -73,7 +73,7 @@ func (cmd *InitCmd) Run(env *Env) error {
 // RenderCmd writes a node's file tree under a new directory.
 type RenderCmd struct {
 	configFlag
-	Out  string `short:"o" required:"" type:"path" help:"Directory to create; files land at their host paths under it."`
+	Out  string `short:"o" required:"" help:"Directory to create; files land at their host paths under it."`
 	Node string `arg:"" help:"Node name from the config."`
 }
 
