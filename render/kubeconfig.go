@@ -16,11 +16,12 @@ import (
 const BootstrapTokenUser = "tls-bootstrap-token-user"
 
 // kubeconfigServer returns the server URL kubeadm puts in each kubeconfig:
-// the control-plane endpoint for admin, super-admin and kubelet, and the
-// node's own apiserver for controller-manager and scheduler.
+// the control-plane endpoint for admin and super-admin, and the node's own
+// apiserver for controller-manager, scheduler and, since kubeadm made
+// ControlPlaneKubeletLocalMode the default, the control plane's kubelet.
 func (c *Cluster) kubeconfigServer(file string, n Node) string {
 	switch file {
-	case "controller-manager.conf", "scheduler.conf":
+	case "controller-manager.conf", "scheduler.conf", "kubelet.conf":
 		return "https://" + net.JoinHostPort(n.Address.String(), strconv.Itoa(APIServerPort))
 	}
 	return "https://" + c.Endpoint()

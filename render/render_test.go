@@ -190,7 +190,7 @@ address = "10.0.0.11"
 			kubeconfigs := []struct{ file, cn, org, server string }{
 				{"admin.conf", "kubernetes-admin", "kubeadm:cluster-admins", "https://api.x.example:6443"},
 				{"super-admin.conf", "kubernetes-super-admin", "system:masters", "https://api.x.example:6443"},
-				{"kubelet.conf", "system:node:cp1", "system:nodes", "https://api.x.example:6443"},
+				{"kubelet.conf", "system:node:cp1", "system:nodes", "https://10.0.0.11:6443"},
 				{"controller-manager.conf", "system:kube-controller-manager", "", "https://10.0.0.11:6443"},
 				{"scheduler.conf", "system:kube-scheduler", "", "https://10.0.0.11:6443"},
 			}

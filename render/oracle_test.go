@@ -1,0 +1,274 @@
+package render_test
+
+import (
+	"bytes"
+	"crypto/x509"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"k8s.io/client-go/tools/clientcmd"
+
+	"airadm.dev/airadm/internal/clustertest"
+	"airadm.dev/airadm/internal/k8sbin"
+	"airadm.dev/airadm/pki"
+	"airadm.dev/airadm/render"
+)
+
+// TestOracle has the real kubeadm of the pinned version render the same
+// cluster and compares: static pod manifests and the kubelet config byte for
+// byte, certificates by subject, SANs, usages, key type and validity,
+// kubeconfigs by cluster, server, user and context. The deliberate
+// differences are the ones docs/kubeadm-compatibility.md lists.
+func TestOracle(t *testing.T) {
+	kubeadm, err := k8sbin.Path("kubeadm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, alg := range []pki.Algorithm{pki.RSA2048, pki.ECDSAP256} {
+		t.Run(string(alg), func(t *testing.T) {
+			c := clustertest.New(t, fmt.Sprintf(`
+name = "oracle"
+control_plane_endpoint = "api.oracle.example:6443"
+[network]
+pod_subnet = "10.244.0.0/16"
+service_subnet = "10.96.0.0/12"
+dns_domain = "cluster.local"
+[pki]
+algorithm = %q
+cert_validity = "4000h"
+ca_validity = "40000h"
+extra_sans = ["10.0.0.10", "*.oracle.example"]
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "10.0.0.11"
+[[nodes]]
+name = "w1"
+role = "worker"
+address = "10.0.0.21"
+`, alg))
+			ours := c.Files(t, "cp1")
+			dir := t.TempDir()
+			pkiDir := filepath.Join(dir, "pki")
+			kcDir := filepath.Join(dir, "kubeconfig")
+			dry := filepath.Join(dir, "dry")
+			for _, d := range []string{kcDir, dry} {
+				if err := os.MkdirAll(d, 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cfgPath := filepath.Join(dir, "kubeadm.yaml")
+			clusterCfg := strings.Replace(string(ours[render.KubeadmConfigFile].Data),
+				"certificatesDir: /etc/kubernetes/pki", "certificatesDir: "+pkiDir, 1)
+			initCfg := `apiVersion: kubeadm.k8s.io/v1beta4
+kind: InitConfiguration
+localAPIEndpoint:
+  advertiseAddress: 10.0.0.11
+  bindPort: 6443
+nodeRegistration:
+  name: cp1
+  criSocket: unix:///var/run/containerd/containerd.sock
+---
+`
+			if err := os.WriteFile(cfgPath, []byte(initCfg+clusterCfg), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			run := func(args ...string) string {
+				t.Helper()
+				cmd := exec.Command(kubeadm, args...)
+				cmd.Env = append(os.Environ(), "KUBEADM_INIT_DRYRUN_DIR="+dry)
+				out, err := cmd.CombinedOutput()
+				if err != nil {
+					t.Fatalf("kubeadm %s: %v\n%s", strings.Join(args, " "), err, out)
+				}
+				return string(out)
+			}
+			// The ClusterConfiguration that upload-config will store must be
+			// one the real kubeadm accepts.
+			run("config", "validate", "--config", cfgPath)
+			images := run("config", "images", "list", "--config", cfgPath)
+			var core []string
+			for _, im := range c.CoreImages() {
+				core = append(core, im.Ref)
+			}
+			if got := strings.Fields(images); !slices.Equal(got, core) {
+				t.Errorf("kubeadm images %q, ours %q", got, core)
+			}
+			run("init", "phase", "certs", "all", "--config", cfgPath)
+			run("init", "phase", "kubeconfig", "all", "--config", cfgPath, "--kubeconfig-dir", kcDir)
+			run("init", "phase", "control-plane", "all", "--config", cfgPath, "--dry-run")
+			run("init", "phase", "etcd", "local", "--config", cfgPath, "--dry-run")
+			run("init", "phase", "kubelet-start", "--config", cfgPath, "--dry-run")
+
+			read := func(p string) []byte {
+				t.Helper()
+				b, err := os.ReadFile(p)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return bytes.ReplaceAll(b, []byte(pkiDir), []byte(render.PKIDir))
+			}
+			for _, m := range []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"} {
+				if theirs, mine := read(filepath.Join(dry, m+".yaml")), ours[render.ManifestsDir+"/"+m+".yaml"].Data; !bytes.Equal(theirs, mine) {
+					t.Errorf("%s manifest differs from kubeadm's:\n--- kubeadm\n%s\n--- airadm\n%s", m, theirs, mine)
+				}
+			}
+			if theirs, mine := read(filepath.Join(dry, "config.yaml")), ours[render.KubeletConfigFile].Data; !bytes.Equal(theirs, mine) {
+				t.Errorf("kubelet config differs from kubeadm's:\n--- kubeadm\n%s\n--- airadm\n%s", theirs, mine)
+			}
+			// kubeadm pins the node name only when it differs from the
+			// hostname; airadm always pins it and the node address.
+			theirFlags := envFlags(t, read(filepath.Join(dry, "kubeadm-flags.env")))
+			myFlags := envFlags(t, ours[render.KubeletFlagsFile].Data)
+			for _, f := range theirFlags {
+				if !slices.Contains(myFlags, f) {
+					t.Errorf("kubeadm-flags.env lacks kubeadm's %s: %q", f, myFlags)
+				}
+			}
+			for _, f := range myFlags {
+				if !slices.Contains(theirFlags, f) && !strings.HasPrefix(f, "--node-ip=") && f != "--hostname-override=cp1" {
+					t.Errorf("kubeadm-flags.env has %s, which is neither kubeadm's nor a documented difference", f)
+				}
+			}
+
+			compareCerts(t, pkiDir, ours)
+			for _, kc := range []string{"admin.conf", "super-admin.conf", "controller-manager.conf", "scheduler.conf", "kubelet.conf"} {
+				compareKubeconfig(t, kc, read(filepath.Join(kcDir, kc)), ours[render.KubernetesDir+"/"+kc].Data)
+			}
+		})
+	}
+}
+
+func envFlags(t *testing.T, env []byte) []string {
+	t.Helper()
+	s := strings.TrimSpace(string(env))
+	s, ok := strings.CutPrefix(s, "KUBELET_KUBEADM_ARGS=")
+	if !ok {
+		t.Fatalf("not a kubeadm-flags.env: %q", env)
+	}
+	return strings.Fields(strings.Trim(s, `"`))
+}
+
+func compareCerts(t *testing.T, pkiDir string, ours map[string]render.File) {
+	t.Helper()
+	var names []string
+	err := filepath.WalkDir(pkiDir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && strings.HasSuffix(p, ".crt") {
+			names = append(names, strings.TrimPrefix(p, pkiDir+"/"))
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(names) != 10 {
+		t.Fatalf("kubeadm wrote %d certificates, want 10: %q", len(names), names)
+	}
+	for _, name := range names {
+		b, err := os.ReadFile(filepath.Join(pkiDir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		theirs, err := pki.ParseCert(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, ok := ours[render.PKIDir+"/"+name]
+		if !ok {
+			t.Errorf("airadm has no %s", name)
+			continue
+		}
+		mine, err := pki.ParseCert(f.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameCert(t, name, theirs, mine)
+	}
+	for _, key := range []string{"sa.key", "sa.pub"} {
+		if _, ok := ours[render.PKIDir+"/"+key]; !ok {
+			t.Errorf("airadm has no %s", key)
+		}
+	}
+}
+
+// sameCert compares what kubeadm decides about a certificate; serials,
+// keys and the exact clock reading differ by nature.
+func sameCert(t *testing.T, name string, theirs, mine *x509.Certificate) {
+	t.Helper()
+	if theirs.Subject.String() != mine.Subject.String() {
+		t.Errorf("%s subject: kubeadm %q, airadm %q", name, theirs.Subject, mine.Subject)
+	}
+	if a, b := sorted(theirs.DNSNames), sorted(mine.DNSNames); !slices.Equal(a, b) {
+		t.Errorf("%s DNS SANs: kubeadm %q, airadm %q", name, a, b)
+	}
+	if a, b := sorted(ipStrings(theirs.IPAddresses)), sorted(ipStrings(mine.IPAddresses)); !slices.Equal(a, b) {
+		t.Errorf("%s IP SANs: kubeadm %q, airadm %q", name, a, b)
+	}
+	if !slices.Equal(theirs.ExtKeyUsage, mine.ExtKeyUsage) || theirs.KeyUsage != mine.KeyUsage || theirs.IsCA != mine.IsCA {
+		t.Errorf("%s usages: kubeadm %v/%v/CA=%v, airadm %v/%v/CA=%v", name,
+			theirs.KeyUsage, theirs.ExtKeyUsage, theirs.IsCA, mine.KeyUsage, mine.ExtKeyUsage, mine.IsCA)
+	}
+	if a, b := pki.AlgorithmOf(theirs.PublicKey), pki.AlgorithmOf(mine.PublicKey); a != b {
+		t.Errorf("%s key: kubeadm %s, airadm %s", name, a, b)
+	}
+	// kubeconfig certificates inherit the CA's NotBefore, and kubeadm made
+	// its CA in an earlier process, so allow its clock a minute.
+	if a, b := theirs.NotAfter.Sub(theirs.NotBefore), mine.NotAfter.Sub(mine.NotBefore); a-b > time.Minute || b-a > time.Minute {
+		t.Errorf("%s validity: kubeadm %v, airadm %v", name, a, b)
+	}
+	if theirs.SignatureAlgorithm != mine.SignatureAlgorithm {
+		t.Errorf("%s signature: kubeadm %v, airadm %v", name, theirs.SignatureAlgorithm, mine.SignatureAlgorithm)
+	}
+}
+
+func sorted(s []string) []string {
+	s = slices.Clone(s)
+	slices.Sort(s)
+	return s
+}
+
+func compareKubeconfig(t *testing.T, name string, theirsData, mineData []byte) {
+	t.Helper()
+	theirs, err := clientcmd.Load(theirsData)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mine, err := clientcmd.Load(mineData)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if theirs.CurrentContext != mine.CurrentContext {
+		t.Errorf("%s context: kubeadm %q, airadm %q", name, theirs.CurrentContext, mine.CurrentContext)
+	}
+	for cn, tc := range theirs.Clusters {
+		mc, ok := mine.Clusters[cn]
+		if !ok {
+			t.Errorf("%s: airadm has no cluster %q", name, cn)
+		} else if mc.Server != tc.Server {
+			t.Errorf("%s cluster %s: kubeadm server %q, airadm %q", name, cn, tc.Server, mc.Server)
+		}
+	}
+	for un, tu := range theirs.AuthInfos {
+		mu, ok := mine.AuthInfos[un]
+		if !ok {
+			t.Errorf("%s: airadm has no user %q", name, un)
+			continue
+		}
+		tc, err1 := pki.ParseCert(tu.ClientCertificateData)
+		mc, err2 := pki.ParseCert(mu.ClientCertificateData)
+		if err1 != nil || err2 != nil {
+			t.Fatalf("%s: %v %v", name, err1, err2)
+		}
+		sameCert(t, name, tc, mc)
+	}
+	if len(theirs.AuthInfos) != len(mine.AuthInfos) || len(theirs.Contexts) != len(mine.Contexts) {
+		t.Errorf("%s: kubeadm has %d users/%d contexts, airadm %d/%d", name,
+			len(theirs.AuthInfos), len(theirs.Contexts), len(mine.AuthInfos), len(mine.Contexts))
+	}
+}
