@@ -88,12 +88,11 @@ type Pair struct {
 // NewCA makes a self-signed CA the way kubeadm does: the CommonName doubles
 // as a DNS SAN, and the key usages include KeyEncipherment even for ECDSA,
 // which is harmless and keeps the certificates identical in shape.
-func NewCA(a Algorithm, commonName string, now time.Time, validity time.Duration, serials io.Reader) (Pair, error) {
+// serial comes from NewSerial; callers draw serials in a fixed order so that
+// a seeded source gives the same certificates even when keys are made in
+// parallel.
+func NewCA(a Algorithm, commonName string, now time.Time, validity time.Duration, serial *big.Int) (Pair, error) {
 	key, err := GenerateKey(a)
-	if err != nil {
-		return Pair{}, err
-	}
-	serial, err := newSerial(serials)
 	if err != nil {
 		return Pair{}, err
 	}
@@ -109,7 +108,7 @@ func NewCA(a Algorithm, commonName string, now time.Time, validity time.Duration
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 	}
-	der, err := x509.CreateCertificate(serials, tmpl, tmpl, key.Public(), key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
 		return Pair{}, fmt.Errorf("signing CA %q: %w", commonName, err)
 	}
@@ -121,7 +120,7 @@ func NewCA(a Algorithm, commonName string, now time.Time, validity time.Duration
 }
 
 // Sign issues a leaf certificate for spec from ca with a fresh key of algorithm a.
-func Sign(ca Pair, a Algorithm, spec Spec, notBefore, notAfter time.Time, serials io.Reader) (Pair, error) {
+func Sign(ca Pair, a Algorithm, spec Spec, notBefore, notAfter time.Time, serial *big.Int) (Pair, error) {
 	if spec.CommonName == "" {
 		return Pair{}, fmt.Errorf("signing certificate: empty common name")
 	}
@@ -129,10 +128,6 @@ func Sign(ca Pair, a Algorithm, spec Spec, notBefore, notAfter time.Time, serial
 		return Pair{}, fmt.Errorf("signing %q: no extended key usage", spec.CommonName)
 	}
 	key, err := GenerateKey(a)
-	if err != nil {
-		return Pair{}, err
-	}
-	serial, err := newSerial(serials)
 	if err != nil {
 		return Pair{}, err
 	}
@@ -150,7 +145,7 @@ func Sign(ca Pair, a Algorithm, spec Spec, notBefore, notAfter time.Time, serial
 		ExtKeyUsage:           spec.Usages,
 		BasicConstraintsValid: true,
 	}
-	der, err := x509.CreateCertificate(serials, tmpl, ca.Cert, key.Public(), ca.Key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
 	if err != nil {
 		return Pair{}, fmt.Errorf("signing %q: %w", spec.CommonName, err)
 	}
@@ -161,9 +156,9 @@ func Sign(ca Pair, a Algorithm, spec Spec, notBefore, notAfter time.Time, serial
 	return Pair{Cert: cert, Key: key}, nil
 }
 
-// newSerial returns a random positive 128-bit serial, as RFC 5280 allows and
+// NewSerial returns a random positive 128-bit serial, as RFC 5280 allows and
 // mkcert does; kubeadm's 63-bit serials are a subset of these.
-func newSerial(r io.Reader) (*big.Int, error) {
+func NewSerial(r io.Reader) (*big.Int, error) {
 	limit := new(big.Int).Lsh(big.NewInt(1), 128)
 	n, err := rand.Int(r, limit)
 	if err != nil {

@@ -25,10 +25,12 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	bootstrapapi "k8s.io/cluster-bootstrap/token/api"
 	bootstraputil "k8s.io/cluster-bootstrap/token/util"
 
@@ -85,7 +87,8 @@ func (s *Store) logf(format string, args ...any) {
 
 // Ensure loads every secret the cluster needs, creating what is missing and
 // reissuing a leaf whose subject or SANs no longer match the config (say,
-// after extra_sans changed) or that has expired.
+// after extra_sans changed) or that has expired. Keys are generated in
+// parallel, one per core, because RSA key generation dominates a build.
 func (s *Store) Ensure(c *render.Cluster) (*render.Secrets, error) {
 	out := &render.Secrets{
 		CAs:    map[render.CA]pki.Pair{},
@@ -93,18 +96,29 @@ func (s *Store) Ensure(c *render.Cluster) (*render.Secrets, error) {
 		Tokens: map[string]render.Token{},
 	}
 	now := s.now()
+
+	var cas []*issue
 	for _, ca := range render.CAs() {
-		p, err := s.ensureCA(c, string(ca.CA), ca.CommonName, now)
+		job, err := s.caJob(c, string(ca.CA), ca.CommonName, now)
 		if err != nil {
 			return nil, err
 		}
-		out.CAs[ca.CA] = p
+		cas = append(cas, job)
 	}
-	sa, err := s.ensureServiceAccountKey(c)
+	var sa crypto.Signer
+	saJob, err := s.serviceAccountJob(c, &sa)
 	if err != nil {
 		return nil, err
 	}
+	if err := s.run(append(cas, saJob)); err != nil {
+		return nil, err
+	}
+	for i, ca := range render.CAs() {
+		out.CAs[ca.CA] = cas[i].pair
+	}
 	out.ServiceAccountKey = sa
+
+	var leaves []*issue
 	for _, n := range c.Nodes {
 		if n.Role == render.Worker {
 			t, err := s.ensureToken(n.Name)
@@ -114,16 +128,53 @@ func (s *Store) Ensure(c *render.Cluster) (*render.Secrets, error) {
 			out.Tokens[n.Name] = t
 			continue
 		}
-		out.Leaves[n.Name] = map[string]pki.Pair{}
 		for _, leaf := range c.Leaves(n) {
-			p, err := s.ensureLeaf(c, n, leaf, out.CAs[leaf.CA], now)
+			job, err := s.leafJob(c, n, leaf, out.CAs[leaf.CA], now)
 			if err != nil {
 				return nil, err
 			}
-			out.Leaves[n.Name][leaf.Name] = p
+			leaves = append(leaves, job)
 		}
 	}
+	if err := s.run(leaves); err != nil {
+		return nil, err
+	}
+	for _, j := range leaves {
+		if out.Leaves[j.node] == nil {
+			out.Leaves[j.node] = map[string]pki.Pair{}
+		}
+		out.Leaves[j.node][j.name] = j.pair
+	}
 	return out, nil
+}
+
+// issue is one piece of key material: either loaded (make is nil) or to be
+// made by make and written to disk, after which log says so.
+type issue struct {
+	node, name string
+	pair       pki.Pair
+	make       func() error
+	log        string
+}
+
+// run makes the pending items concurrently and logs them in order.
+func (s *Store) run(jobs []*issue) error {
+	var g errgroup.Group
+	g.SetLimit(runtime.GOMAXPROCS(0))
+	for _, j := range jobs {
+		if j != nil && j.make != nil {
+			g.Go(j.make)
+		}
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	for _, j := range jobs {
+		if j != nil && j.make != nil {
+			s.logf("%s", j.log)
+		}
+	}
+	return nil
 }
 
 func (s *Store) path(parts ...string) string {
@@ -173,30 +224,35 @@ func writePair(base string, p pki.Pair) error {
 	return atomicfile.Write(base+".crt", pki.EncodeCert(p.Cert), 0o644)
 }
 
-func (s *Store) ensureCA(c *render.Cluster, base, cn string, now time.Time) (pki.Pair, error) {
+func (s *Store) caJob(c *render.Cluster, base, cn string, now time.Time) (*issue, error) {
 	file := s.path("pki", base)
 	p, ok, err := loadPair(file)
 	if err != nil {
-		return pki.Pair{}, err
+		return nil, err
 	}
 	if ok {
 		if !p.Cert.IsCA {
-			return pki.Pair{}, fmt.Errorf("reading %s.crt: not a CA certificate", file)
+			return nil, fmt.Errorf("reading %s.crt: not a CA certificate", file)
 		}
 		if got := pki.AlgorithmOf(p.Cert.PublicKey); got != c.Algorithm {
-			return pki.Pair{}, fmt.Errorf("reading %s.crt: its key is %s but pki.algorithm is %s; CAs are never regenerated, so set pki.algorithm = %q or move %s away to start a new cluster", file, orUnknown(got), c.Algorithm, got, s.dir)
+			return nil, fmt.Errorf("reading %s.crt: its key is %s but pki.algorithm is %s; CAs are never regenerated, so set pki.algorithm = %q or move %s away to start a new cluster", file, orUnknown(got), c.Algorithm, got, s.dir)
 		}
-		return p, nil
+		return &issue{pair: p}, nil
 	}
-	p, err = pki.NewCA(c.Algorithm, cn, now, c.CAValidity, s.rand)
+	serial, err := pki.NewSerial(s.rand)
 	if err != nil {
-		return pki.Pair{}, err
+		return nil, err
 	}
-	if err := writePair(file, p); err != nil {
-		return pki.Pair{}, err
+	j := &issue{log: "created " + file + ".crt"}
+	j.make = func() error {
+		p, err := pki.NewCA(c.Algorithm, cn, now, c.CAValidity, serial)
+		if err != nil {
+			return err
+		}
+		j.pair = p
+		return writePair(file, p)
 	}
-	s.logf("created %s.crt", file)
-	return p, nil
+	return j, nil
 }
 
 func orUnknown(a pki.Algorithm) string {
@@ -206,7 +262,7 @@ func orUnknown(a pki.Algorithm) string {
 	return string(a)
 }
 
-func (s *Store) ensureServiceAccountKey(c *render.Cluster) (crypto.Signer, error) {
+func (s *Store) serviceAccountJob(c *render.Cluster, key *crypto.Signer) (*issue, error) {
 	file := s.path("pki", "sa.key")
 	b, err := os.ReadFile(file)
 	if err == nil {
@@ -214,32 +270,32 @@ func (s *Store) ensureServiceAccountKey(c *render.Cluster) (crypto.Signer, error
 		if err != nil {
 			return nil, fmt.Errorf("reading %s: %w", file, err)
 		}
-		return k, nil
+		*key = k
+		return nil, nil
 	}
 	if !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("reading %s: %w", file, err)
 	}
-	// kubeadm's CreateServiceAccountKeyAndPublicKeyFiles uses encryptionAlgorithm too.
-	k, err := pki.GenerateKey(c.Algorithm)
-	if err != nil {
-		return nil, err
-	}
-	pemKey, err := pki.EncodeKey(k)
-	if err != nil {
-		return nil, err
-	}
-	if err := atomicfile.Write(file, pemKey, 0o600); err != nil {
-		return nil, err
-	}
-	s.logf("created %s", file)
-	return k, nil
+	return &issue{log: "created " + file, make: func() error {
+		// kubeadm's CreateServiceAccountKeyAndPublicKeyFiles uses encryptionAlgorithm too.
+		k, err := pki.GenerateKey(c.Algorithm)
+		if err != nil {
+			return err
+		}
+		pemKey, err := pki.EncodeKey(k)
+		if err != nil {
+			return err
+		}
+		*key = k
+		return atomicfile.Write(file, pemKey, 0o600)
+	}}, nil
 }
 
-func (s *Store) ensureLeaf(c *render.Cluster, n render.Node, leaf render.Leaf, ca pki.Pair, now time.Time) (pki.Pair, error) {
+func (s *Store) leafJob(c *render.Cluster, n render.Node, leaf render.Leaf, ca pki.Pair, now time.Time) (*issue, error) {
 	file := s.path("nodes", n.Name, leaf.Name)
 	p, ok, err := loadPair(file)
 	if err != nil {
-		return pki.Pair{}, err
+		return nil, err
 	}
 	reason := "created"
 	if ok {
@@ -253,22 +309,27 @@ func (s *Store) ensureLeaf(c *render.Cluster, n render.Node, leaf render.Leaf, c
 		case !now.Before(p.Cert.NotAfter):
 			reason = "reissued (expired)"
 		default:
-			return p, nil
+			return &issue{node: n.Name, name: leaf.Name, pair: p}, nil
 		}
 	}
 	notBefore := now.Add(-pki.Backdate)
 	if leaf.FromCANotBefore {
 		notBefore = ca.Cert.NotBefore
 	}
-	p, err = pki.Sign(ca, c.Algorithm, leaf.Spec, notBefore, now.Add(c.CertValidity), s.rand)
+	serial, err := pki.NewSerial(s.rand)
 	if err != nil {
-		return pki.Pair{}, err
+		return nil, err
 	}
-	if err := writePair(file, p); err != nil {
-		return pki.Pair{}, err
+	j := &issue{node: n.Name, name: leaf.Name, log: reason + " " + file + ".crt"}
+	j.make = func() error {
+		p, err := pki.Sign(ca, c.Algorithm, leaf.Spec, notBefore, now.Add(c.CertValidity), serial)
+		if err != nil {
+			return err
+		}
+		j.pair = p
+		return writePair(file, p)
 	}
-	s.logf("%s %s.crt", reason, file)
-	return p, nil
+	return j, nil
 }
 
 func (s *Store) ensureToken(node string) (render.Token, error) {
