@@ -1,0 +1,35 @@
+# List the recipes.
+default:
+    @just --list
+
+# Build the airadm binary into ./bin.
+build:
+    go build -o bin/airadm .
+
+# Run the whole suite exactly as CI does (builds the pinned binaries first).
+test *ARGS:
+    ./hack/test {{ARGS}}
+
+# Vet and check formatting.
+lint:
+    go vet ./...
+    test -z "$(gofmt -l $(git ls-files '*.go'))"
+
+# Run the benchmarks; ratios compare airadm with kubeadm measured in the same run.
+bench:
+    go run ./hack/k8sbin >/dev/null
+    go test -run '^$' -bench . -benchtime 5x ./...
+
+# Build or verify the pinned Kubernetes and etcd binaries in the cache.
+k8sbin:
+    go run ./hack/k8sbin
+
+# The tests against real Kubernetes parts only.
+e2e:
+    ./hack/test -run 'Oracle|Live' ./...
+
+# Render the quickstart control plane and a worker under out/.
+quickstart:
+    rm -rf out/cp1 out/w1
+    go run . render -c testdata/quickstart/cluster.toml -o out/cp1 cp1
+    go run . render -c testdata/quickstart/cluster.toml -o out/w1 w1
