@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"airadm.dev/airadm/atomicfile"
+	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/render"
 	"airadm.dev/airadm/secrets"
 )
@@ -108,7 +109,7 @@ func (cmd *RenderCmd) Run(env *Env) error {
 		return fmt.Errorf("creating %s: %w", cmd.Out, err)
 	}
 	defer os.RemoveAll(tmp)
-	if err := WriteTree(tmp, files); err != nil {
+	if err := hostfs.WriteTree(tmp, files); err != nil {
 		return err
 	}
 	if err := os.Chmod(tmp, 0o755); err != nil {
@@ -119,35 +120,6 @@ func (cmd *RenderCmd) Run(env *Env) error {
 		return fmt.Errorf("moving rendered tree to %s: %w", cmd.Out, err)
 	}
 	fmt.Fprintf(env.Stdout, "rendered %d files for %s under %s\n", len(files), cmd.Node, cmd.Out)
-	return nil
-}
-
-// WriteTree writes files under root at their host paths with their modes,
-// giving directories render.DirMode.
-func WriteTree(root string, files []render.File) error {
-	for _, f := range files {
-		dst := filepath.Join(root, filepath.FromSlash(f.Path))
-		if err := mkdirs(root, filepath.Dir(f.Path)); err != nil {
-			return err
-		}
-		if err := atomicfile.Write(dst, f.Data, f.Mode); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func mkdirs(root, hostDir string) error {
-	if hostDir == "/" || hostDir == "." {
-		return nil
-	}
-	if err := mkdirs(root, filepath.Dir(hostDir)); err != nil {
-		return err
-	}
-	dst := filepath.Join(root, hostDir)
-	if err := os.Mkdir(dst, render.DirMode(hostDir)); err != nil && !errors.Is(err, fs.ErrExist) {
-		return fmt.Errorf("creating %s: %w", dst, err)
-	}
 	return nil
 }
 
