@@ -19,7 +19,10 @@ import (
 // CLI is the whole command line; each leaf command is a struct with Run.
 type CLI struct {
 	Init    InitCmd    `cmd:"" help:"Write a commented cluster.toml template."`
+	Build   BuildCmd   `cmd:"" help:"Render, pull and write one bundle per node, and SHA256SUMS."`
 	Render  RenderCmd  `cmd:"" help:"Write a node's file tree (what its bundle carries, without images) for review."`
+	Inspect InspectCmd `cmd:"" help:"Describe a bundle: node, files, images and certificate expiry."`
+	Verify  VerifyCmd  `cmd:"" help:"Check every byte of a bundle against its manifest."`
 	Images  ImagesCmd  `cmd:"" help:"Container images of the cluster."`
 	Version VersionCmd `cmd:"" help:"Print the airadm and pinned Kubernetes versions."`
 }
@@ -30,6 +33,9 @@ type Env struct {
 	Stderr io.Writer
 	Now    func() time.Time
 	Rand   io.Reader
+	Getenv func(string) string
+	// IsTerminal reports whether progress may be drawn on Stderr.
+	IsTerminal bool
 }
 
 // usageError marks bad usage or bad input: exit code 2.
@@ -39,7 +45,7 @@ func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
 func main() {
-	env := &Env{Stdout: os.Stdout, Stderr: os.Stderr, Now: time.Now, Rand: rand.Reader}
+	env := &Env{Stdout: os.Stdout, Stderr: os.Stderr, Now: time.Now, Rand: rand.Reader, Getenv: os.Getenv, IsTerminal: isTerminal(os.Stderr)}
 	os.Exit(run(os.Args[1:], env))
 }
 

@@ -40,10 +40,14 @@ type Cluster struct {
 	ExtraSANs     []string
 	Repository    string
 	ExtraImages   []string
-	TokenTTL      time.Duration // 0 means the tokens never expire, as in kubeadm
-	CgroupDriver  string
-	CRISocket     string
-	Nodes         []Node
+	Platform      string // os/arch[/variant] of every image, default linux/amd64
+	// ImageLayout, if set, is an OCI layout directory (relative to the
+	// config file) that serves every image instead of registries.
+	ImageLayout  string
+	TokenTTL     time.Duration // 0 means the tokens never expire, as in kubeadm
+	CgroupDriver string
+	CRISocket    string
+	Nodes        []Node
 }
 
 // Node is one host of the cluster.
@@ -65,6 +69,7 @@ const (
 	DefaultTokenTTL      = "24h"
 	DefaultCgroupDriver  = "systemd"
 	DefaultCRISocket     = "unix:///var/run/containerd/containerd.sock"
+	DefaultPlatform      = "linux/amd64"
 	APIServerPort        = 6443
 )
 
@@ -105,7 +110,10 @@ func (c *Cluster) Endpoint() string {
 	return net.JoinHostPort(c.EndpointHost, strconv.Itoa(c.EndpointPort))
 }
 
-var versionRE = regexp.MustCompile(`^v(\d+)\.(\d+)\.(\d+)$`)
+var (
+	versionRE  = regexp.MustCompile(`^v(\d+)\.(\d+)\.(\d+)$`)
+	platformRE = regexp.MustCompile(`^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$`)
+)
 
 type collector struct{ problems []Problem }
 
@@ -124,6 +132,8 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 		Algorithm:         pki.Algorithm(orDefault(cfg.PKI.Algorithm, string(pki.RSA2048))),
 		Repository:        strings.TrimSuffix(orDefault(cfg.Images.Repository, DefaultRepository), "/"),
 		ExtraImages:       cfg.Images.Extra,
+		Platform:          orDefault(cfg.Images.Platform, DefaultPlatform),
+		ImageLayout:       cfg.Images.Layout,
 		ExtraSANs:         cfg.PKI.ExtraSANs,
 		CgroupDriver:      orDefault(cfg.Kubelet.CgroupDriver, DefaultCgroupDriver),
 		CRISocket:         orDefault(cfg.Kubelet.CRISocket, DefaultCRISocket),
@@ -169,6 +179,9 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 	}
 	if _, err := name.NewRegistry(strings.SplitN(c.Repository, "/", 2)[0]); err != nil || strings.Contains(c.Repository, ":/") {
 		p.add("images.repository", "%q is not a registry host with an optional path", c.Repository)
+	}
+	if !platformRE.MatchString(c.Platform) {
+		p.add("images.platform", "%q is not os/arch or os/arch/variant, such as linux/amd64", c.Platform)
 	}
 	for i, ref := range c.ExtraImages {
 		if _, err := name.ParseReference(ref, name.StrictValidation); err != nil {

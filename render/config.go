@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 
@@ -40,6 +41,8 @@ type PKIConfig struct {
 type ImagesConfig struct {
 	Repository string   `toml:"repository"`
 	Extra      []string `toml:"extra"`
+	Platform   string   `toml:"platform"`
+	Layout     string   `toml:"layout"`
 }
 
 type JoinConfig struct {
@@ -142,6 +145,9 @@ func Parse(name string, data []byte) (*Cluster, error) {
 			return problems[i].Field < problems[j].Field
 		})
 		return nil, &ConfigError{File: name, Problems: problems}
+	}
+	if l := cluster.ImageLayout; l != "" && !filepath.IsAbs(l) {
+		cluster.ImageLayout = filepath.Join(filepath.Dir(name), l)
 	}
 	return cluster, nil
 }

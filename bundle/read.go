@@ -1,0 +1,349 @@
+package bundle
+
+import (
+	"archive/tar"
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"path"
+	"strings"
+)
+
+// EntryError is the one kind of error reading a bundle returns: which entry
+// (or "" for the archive as a whole) and what is wrong with it.
+type EntryError struct {
+	Entry string
+	Err   error
+}
+
+func (e *EntryError) Error() string {
+	if e.Entry == "" {
+		return e.Err.Error()
+	}
+	return fmt.Sprintf("entry %s: %v", e.Entry, e.Err)
+}
+
+func (e *EntryError) Unwrap() error { return e.Err }
+
+// ErrTruncated means the bundle ends early.
+var ErrTruncated = errors.New("bundle is truncated")
+
+// Visitor receives entries as they stream past. Each callback's reader
+// yields the entry's bytes and fails at its end if they do not match the
+// manifest, so a callback must treat what it read as unverified until the
+// reader has returned io.EOF, and the bundle as a whole until Read returns
+// nil. A nil callback skips those entries (they are still verified).
+type Visitor struct {
+	File func(f FileEntry, r io.Reader) error
+	Blob func(b BlobEntry, r io.Reader) error
+}
+
+// Read streams a bundle, verifying every entry against the manifest: names
+// and order, regular files only, sizes, sha256 digests, nothing missing,
+// duplicated or extra, and every image's blobs present. It returns the
+// manifest and its digest; the caller compares the digest with one it
+// trusts (SHA256SUMS or the build output) to authenticate the whole.
+func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
+	cr := &countingReader{r: bufio.NewReaderSize(r, 1<<20)}
+	tr := tar.NewReader(cr)
+
+	hdr, err := next(tr, "")
+	if err != nil {
+		return nil, "", err
+	}
+	if hdr.Name != ManifestName {
+		return nil, "", &EntryError{Entry: hdr.Name, Err: fmt.Errorf("the first entry must be %s", ManifestName)}
+	}
+	if err := regular(hdr); err != nil {
+		return nil, "", err
+	}
+	if hdr.Size > maxManifestLen {
+		return nil, "", &EntryError{Entry: ManifestName, Err: fmt.Errorf("%d bytes is larger than the %d a manifest may have", hdr.Size, maxManifestLen)}
+	}
+	mb, err := io.ReadAll(tr)
+	if err != nil {
+		return nil, "", &EntryError{Entry: ManifestName, Err: truncated(err)}
+	}
+	m, err := DecodeManifest(mb)
+	if err != nil {
+		return nil, "", &EntryError{Entry: ManifestName, Err: err}
+	}
+	sum := sha256.Sum256(mb)
+	digest := "sha256:" + hex.EncodeToString(sum[:])
+
+	index, err := m.IndexJSON()
+	if err != nil {
+		return nil, "", &EntryError{Entry: ManifestName, Err: err}
+	}
+	want := m.entries(index)
+	known := map[string]bool{ManifestName: true}
+	for _, e := range want {
+		known[e.name] = true
+	}
+	files := map[string]FileEntry{}
+	for _, f := range m.Files {
+		files[f.Path] = f
+	}
+	blobs := map[string]BlobEntry{}
+	for _, b := range m.Blobs {
+		blobs[strings.TrimPrefix(b.Digest, "sha256:")] = b
+	}
+	imageManifests := map[string][]byte{}
+	for _, im := range m.Images {
+		imageManifests[strings.TrimPrefix(im.Digest, "sha256:")] = nil
+	}
+
+	seen := map[string]bool{ManifestName: true}
+	buf := make([]byte, 1<<20)
+	for i := 0; ; i++ {
+		hdr, err := next(tr, lastName(want, i))
+		if err == io.EOF {
+			if i < len(want) {
+				return nil, "", &EntryError{Entry: want[i].name, Err: errors.New("missing")}
+			}
+			break
+		}
+		if err != nil {
+			return nil, "", err
+		}
+		name := hdr.Name
+		switch {
+		case seen[name]:
+			return nil, "", &EntryError{Entry: name, Err: errors.New("duplicate entry")}
+		case escapes(name):
+			return nil, "", &EntryError{Entry: name, Err: errors.New("path escapes the bundle")}
+		case !known[name]:
+			return nil, "", &EntryError{Entry: name, Err: errors.New("unknown entry: not in the manifest")}
+		}
+		if err := regular(hdr); err != nil {
+			return nil, "", err
+		}
+		if i >= len(want) || name != want[i].name {
+			return nil, "", &EntryError{Entry: want[i].name, Err: fmt.Errorf("missing where %s stands", name)}
+		}
+		seen[name] = true
+		e := want[i]
+		if hdr.Size != e.size {
+			return nil, "", &EntryError{Entry: name, Err: &MismatchError{What: "size", Got: fmt.Sprint(hdr.Size), Want: fmt.Sprint(e.size)}}
+		}
+		vr := &verifyingReader{r: io.LimitReader(tr, e.size), sum: sha256.New(), size: e.size, wantHex: e.sha256, want: e.content}
+		var visit func() error
+		switch {
+		case e.file != "" && v.File != nil:
+			visit = func() error { return v.File(files[e.file], vr) }
+		case strings.HasPrefix(name, blobsPrefix):
+			hexDigest := strings.TrimPrefix(name, blobsPrefix)
+			if _, isManifest := imageManifests[hexDigest]; isManifest {
+				// Keep image manifests (small) to check their references.
+				vr.keep = &bytes.Buffer{}
+			}
+			if v.Blob != nil {
+				visit = func() error { return v.Blob(blobs[hexDigest], vr) }
+			}
+		}
+		if visit != nil {
+			if err := visit(); err != nil {
+				var ee *EntryError
+				if errors.As(err, &ee) {
+					return nil, "", err
+				}
+				return nil, "", &EntryError{Entry: name, Err: err}
+			}
+		}
+		if _, err := io.CopyBuffer(io.Discard, vr, buf); err != nil {
+			return nil, "", &EntryError{Entry: name, Err: err}
+		}
+		if vr.keep != nil {
+			imageManifests[strings.TrimPrefix(name, blobsPrefix)] = vr.keep.Bytes()
+		}
+	}
+	if err := trailing(cr); err != nil {
+		return nil, "", err
+	}
+	if err := checkReferences(m, imageManifests); err != nil {
+		return nil, "", err
+	}
+	return m, digest, nil
+}
+
+func lastName(want []expected, i int) string {
+	if i > 0 && i-1 < len(want) {
+		return want[i-1].name
+	}
+	return ManifestName
+}
+
+func next(tr *tar.Reader, after string) (*tar.Header, error) {
+	hdr, err := tr.Next()
+	if err == io.EOF {
+		return nil, io.EOF
+	}
+	if err != nil {
+		return nil, &EntryError{Entry: after, Err: fmt.Errorf("reading the next entry: %w", truncated(err))}
+	}
+	return hdr, nil
+}
+
+func truncated(err error) error {
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		return ErrTruncated
+	}
+	return err
+}
+
+func escapes(name string) bool {
+	return strings.HasPrefix(name, "/") || path.Clean(name) != name || name == ".." || strings.HasPrefix(name, "../") || strings.Contains(name, "\\")
+}
+
+func regular(hdr *tar.Header) error {
+	kinds := map[byte]string{
+		tar.TypeSymlink: "a symbolic link", tar.TypeLink: "a hard link", tar.TypeChar: "a character device",
+		tar.TypeBlock: "a block device", tar.TypeFifo: "a FIFO", tar.TypeDir: "a directory",
+	}
+	if hdr.Typeflag == tar.TypeReg {
+		return nil
+	}
+	kind, ok := kinds[hdr.Typeflag]
+	if !ok {
+		kind = fmt.Sprintf("of tar type %q", hdr.Typeflag)
+	}
+	return &EntryError{Entry: hdr.Name, Err: fmt.Errorf("is %s; a bundle holds regular files only", kind)}
+}
+
+// trailing accepts only zero padding after the end-of-archive marker, and
+// requires the marker itself, so a bundle cut at an entry boundary is
+// reported as truncated.
+func trailing(cr *countingReader) error {
+	rest, err := io.ReadAll(cr)
+	if err != nil {
+		return &EntryError{Err: err}
+	}
+	for _, b := range rest {
+		if b != 0 {
+			return &EntryError{Err: errors.New("data after the end of the archive")}
+		}
+	}
+	if !cr.sawEnd() {
+		return &EntryError{Err: ErrTruncated}
+	}
+	return nil
+}
+
+// checkReferences makes sure every blob an image manifest names is in the
+// bundle, and every blob in the bundle belongs to some image.
+func checkReferences(m *Manifest, manifests map[string][]byte) error {
+	present := map[string]int64{}
+	for _, b := range m.Blobs {
+		present[b.Digest] = b.Size
+	}
+	used := map[string]bool{}
+	for _, im := range m.Images {
+		used[im.Digest] = true
+		var doc struct {
+			Config struct {
+				Digest string `json:"digest"`
+			} `json:"config"`
+			Layers []struct {
+				Digest string `json:"digest"`
+			} `json:"layers"`
+		}
+		if err := json.Unmarshal(manifests[strings.TrimPrefix(im.Digest, "sha256:")], &doc); err != nil {
+			return &EntryError{Entry: blobName(im.Digest), Err: fmt.Errorf("image %s: decoding manifest: %w", im.Ref, err)}
+		}
+		refs := []string{doc.Config.Digest}
+		for _, l := range doc.Layers {
+			refs = append(refs, l.Digest)
+		}
+		total := im.Size
+		for _, d := range refs {
+			size, ok := present[d]
+			if !ok {
+				return &EntryError{Entry: blobName(im.Digest), Err: fmt.Errorf("image %s references %s, which the bundle lacks", im.Ref, d)}
+			}
+			used[d] = true
+			total += size
+		}
+		if total != im.TotalSize {
+			return &EntryError{Entry: ManifestName, Err: fmt.Errorf("image %s: %w", im.Ref, &MismatchError{What: "total size", Got: fmt.Sprint(total), Want: fmt.Sprint(im.TotalSize)})}
+		}
+	}
+	for _, b := range m.Blobs {
+		if !used[b.Digest] {
+			return &EntryError{Entry: blobName(b.Digest), Err: errors.New("no image references this blob")}
+		}
+	}
+	return nil
+}
+
+// verifyingReader yields an entry's bytes and, at their end, reports a
+// mismatch instead of io.EOF.
+type verifyingReader struct {
+	r       io.Reader
+	sum     hash.Hash
+	n, size int64
+	wantHex string
+	want    []byte
+	keep    *bytes.Buffer
+	checked bool
+}
+
+func (v *verifyingReader) Read(p []byte) (int, error) {
+	n, err := v.r.Read(p)
+	v.n += int64(n)
+	if n > 0 {
+		v.sum.Write(p[:n])
+		if v.keep != nil {
+			v.keep.Write(p[:n])
+		}
+		if v.want != nil && !bytes.Equal(p[:n], v.want[v.n-int64(n):min(v.n, int64(len(v.want)))]) {
+			return n, &MismatchError{What: "content", Got: "different bytes", Want: "the bytes the manifest implies"}
+		}
+	}
+	if err == io.EOF && !v.checked {
+		v.checked = true
+		if v.n != v.size {
+			return n, ErrTruncated
+		}
+		if v.wantHex != "" {
+			if got := hex.EncodeToString(v.sum.Sum(nil)); got != v.wantHex {
+				return n, &MismatchError{What: "sha256", Got: got, Want: v.wantHex}
+			}
+		}
+	}
+	if err != nil && err != io.EOF {
+		return n, truncated(err)
+	}
+	return n, err
+}
+
+type countingReader struct {
+	r        io.Reader
+	n        int64
+	zeroTail int64 // consecutive zero bytes read most recently
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	// Only the zeros at the end of the stream matter; scan back from the
+	// end of this read so that the cost is not per byte.
+	tail := 0
+	for tail < n && p[n-1-tail] == 0 {
+		tail++
+	}
+	if tail == n {
+		c.zeroTail += int64(n)
+	} else {
+		c.zeroTail = int64(tail)
+	}
+	return n, err
+}
+
+// sawEnd reports whether the stream ended with tar's two zero blocks.
+func (c *countingReader) sawEnd() bool { return c.zeroTail >= 1024 }

@@ -1,0 +1,191 @@
+package bundle
+
+import (
+	"archive/tar"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"hash"
+	"io"
+	"sort"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"airadm.dev/airadm/render"
+)
+
+// Image is a pulled image ready to be written: the platform manifest and
+// every blob it references, all present in a BlobStore.
+type Image struct {
+	Ref         string
+	Platform    string
+	Manifest    v1.Descriptor // the platform-specific manifest
+	IndexDigest string        // set when Ref named a multi-platform index
+	Blobs       []v1.Descriptor
+}
+
+// BlobStore hands out blobs by digest.
+type BlobStore interface {
+	Open(v1.Hash) (io.ReadCloser, error)
+}
+
+// Contents is everything one node's bundle holds.
+type Contents struct {
+	Cluster           string
+	Node              string
+	Role              string
+	KubernetesVersion string
+	BuildTime         time.Time
+	Files             []render.File
+	Images            []Image
+}
+
+// epoch is every entry's mtime: times in the tar carry no information, and a
+// fixed one keeps output byte-identical across builds.
+var epoch = time.Unix(0, 0).UTC()
+
+// Manifest computes the manifest of c.
+func (c Contents) Manifest() (*Manifest, error) {
+	m := &Manifest{
+		FormatVersion:     FormatVersion,
+		Cluster:           c.Cluster,
+		Node:              c.Node,
+		Role:              c.Role,
+		KubernetesVersion: c.KubernetesVersion,
+		BuildTime:         c.BuildTime.UTC().Truncate(time.Second),
+		Files:             []FileEntry{},
+		Images:            []ImageEntry{},
+		Blobs:             []BlobEntry{},
+	}
+	for _, f := range c.Files {
+		sum := sha256.Sum256(f.Data)
+		m.Files = append(m.Files, FileEntry{Path: f.Path, Mode: fmt.Sprintf("%04o", f.Mode.Perm()), Size: int64(len(f.Data)), SHA256: hex.EncodeToString(sum[:])})
+	}
+	sort.Slice(m.Files, func(i, j int) bool { return m.Files[i].Path < m.Files[j].Path })
+	blobs := map[string]int64{}
+	for _, im := range c.Images {
+		total := im.Manifest.Size
+		for _, b := range im.Blobs {
+			total += b.Size
+		}
+		m.Images = append(m.Images, ImageEntry{
+			Ref: im.Ref, Digest: im.Manifest.Digest.String(), MediaType: string(im.Manifest.MediaType),
+			Size: im.Manifest.Size, TotalSize: total, Platform: im.Platform, IndexDigest: im.IndexDigest,
+		})
+		blobs[im.Manifest.Digest.String()] = im.Manifest.Size
+		for _, b := range im.Blobs {
+			blobs[b.Digest.String()] = b.Size
+		}
+	}
+	sort.Slice(m.Images, func(i, j int) bool { return m.Images[i].Ref < m.Images[j].Ref })
+	for d, size := range blobs {
+		m.Blobs = append(m.Blobs, BlobEntry{Digest: d, Size: size})
+	}
+	sort.Slice(m.Blobs, func(i, j int) bool { return m.Blobs[i].Digest < m.Blobs[j].Digest })
+	if err := m.validate(); err != nil {
+		return nil, fmt.Errorf("building manifest: %w", err)
+	}
+	return m, nil
+}
+
+// Write writes the bundle of c to w, copying blobs from store as they are
+// (no recompression) while checking them against their digests. It returns
+// the manifest and its sha256, which authenticates the whole bundle.
+func Write(w io.Writer, c Contents, store BlobStore) (*Manifest, string, error) {
+	m, err := c.Manifest()
+	if err != nil {
+		return nil, "", err
+	}
+	mb, err := m.Encode()
+	if err != nil {
+		return nil, "", err
+	}
+	index, err := m.IndexJSON()
+	if err != nil {
+		return nil, "", err
+	}
+	tw := tar.NewWriter(w)
+	if err := writeEntry(tw, ManifestName, 0o644, int64(len(mb)), func(w io.Writer) error { _, err := w.Write(mb); return err }); err != nil {
+		return nil, "", err
+	}
+	data := map[string]render.File{}
+	for _, f := range c.Files {
+		data[f.Path] = f
+	}
+	buf := make([]byte, 1<<20)
+	for _, e := range m.entries(index) {
+		var mode int64 = 0o644
+		var fill func(io.Writer) error
+		switch {
+		case e.content != nil:
+			fill = func(w io.Writer) error { _, err := w.Write(e.content); return err }
+		case e.file != "":
+			f := data[e.file]
+			mode = int64(f.Mode.Perm())
+			fill = func(w io.Writer) error { _, err := w.Write(f.Data); return err }
+		default:
+			h, err := v1.NewHash("sha256:" + e.sha256)
+			if err != nil {
+				return nil, "", err
+			}
+			fill = func(w io.Writer) error { return copyBlob(w, store, h, e.size, buf) }
+		}
+		if err := writeEntry(tw, e.name, mode, e.size, fill); err != nil {
+			return nil, "", err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return nil, "", fmt.Errorf("finishing bundle: %w", err)
+	}
+	sum := sha256.Sum256(mb)
+	return m, "sha256:" + hex.EncodeToString(sum[:]), nil
+}
+
+func writeEntry(tw *tar.Writer, name string, mode, size int64, fill func(io.Writer) error) error {
+	hdr := &tar.Header{
+		Typeflag: tar.TypeReg, Name: name, Mode: mode, Size: size,
+		ModTime: epoch, Format: tar.FormatUSTAR,
+	}
+	if err := tw.WriteHeader(hdr); err != nil {
+		return fmt.Errorf("writing entry %s: %w", name, err)
+	}
+	if err := fill(tw); err != nil {
+		return fmt.Errorf("writing entry %s: %w", name, err)
+	}
+	return nil
+}
+
+func copyBlob(w io.Writer, store BlobStore, h v1.Hash, size int64, buf []byte) error {
+	rc, err := store.Open(h)
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	sum := sha256.New()
+	n, err := io.CopyBuffer(io.MultiWriter(w, sum), io.LimitReader(rc, size+1), buf)
+	if err != nil {
+		return err
+	}
+	return checkDigest(sum, n, size, h.Hex)
+}
+
+func checkDigest(sum hash.Hash, n, size int64, wantHex string) error {
+	if n != size {
+		return &MismatchError{What: "size", Got: fmt.Sprint(n), Want: fmt.Sprint(size)}
+	}
+	if got := hex.EncodeToString(sum.Sum(nil)); got != wantHex {
+		return &MismatchError{What: "sha256", Got: got, Want: wantHex}
+	}
+	return nil
+}
+
+// MismatchError says content differs from what it should be.
+type MismatchError struct {
+	What      string // size or sha256
+	Got, Want string
+}
+
+func (e *MismatchError) Error() string {
+	return fmt.Sprintf("%s mismatch: got %s, want %s", e.What, e.Got, e.Want)
+}
