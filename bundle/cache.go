@@ -31,6 +31,9 @@ func OpenCache(dir string) (*Cache, error) {
 	return &Cache{dir: dir}, nil
 }
 
+// Dir is the cache's directory.
+func (c *Cache) Dir() string { return c.dir }
+
 func (c *Cache) path(h v1.Hash) string {
 	return filepath.Join(c.dir, "blobs", h.Algorithm, h.Hex)
 }

@@ -130,11 +130,13 @@ func (p *Puller) Pull(ctx context.Context, refs []string) ([]Image, error) {
 	images := make([]Image, len(refs))
 	var mu sync.Mutex
 	fetches := map[v1.Hash]blobFetch{}
-	g, gctx := errgroup.WithContext(ctx)
+	// The images keep the context for their later blob reads, so resolve
+	// with the caller's, not a group context that ends with this phase.
+	var g errgroup.Group
 	g.SetLimit(jobs)
 	for i, ref := range refs {
 		g.Go(func() error {
-			img, index, err := p.Source.Image(gctx, ref, p.Platform)
+			img, index, err := p.Source.Image(ctx, ref, p.Platform)
 			if err != nil {
 				return err
 			}
@@ -172,10 +174,10 @@ func (p *Puller) Pull(ctx context.Context, refs []string) ([]Image, error) {
 	var done atomic.Int64
 	var doneBytes atomic.Int64
 	var flight singleflight.Group
-	g, gctx = errgroup.WithContext(ctx)
-	g.SetLimit(jobs)
+	fg, gctx := errgroup.WithContext(ctx)
+	fg.SetLimit(jobs)
 	for _, f := range todo {
-		g.Go(func() error {
+		fg.Go(func() error {
 			if gctx.Err() != nil {
 				return gctx.Err()
 			}
@@ -196,7 +198,7 @@ func (p *Puller) Pull(ctx context.Context, refs []string) ([]Image, error) {
 			return nil
 		})
 	}
-	if err := g.Wait(); err != nil {
+	if err := fg.Wait(); err != nil {
 		return nil, err
 	}
 	return images, nil

@@ -54,6 +54,9 @@ func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 	tr := tar.NewReader(cr)
 
 	hdr, err := next(tr, "")
+	if err == io.EOF {
+		return nil, "", &EntryError{Entry: ManifestName, Err: errors.New("missing: the bundle is empty")}
+	}
 	if err != nil {
 		return nil, "", err
 	}
@@ -104,6 +107,9 @@ func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 	for i := 0; ; i++ {
 		hdr, err := next(tr, lastName(want, i))
 		if err == io.EOF {
+			if i < len(want) && !cr.sawEnd() {
+				return nil, "", &EntryError{Entry: want[i].name, Err: ErrTruncated}
+			}
 			if i < len(want) {
 				return nil, "", &EntryError{Entry: want[i].name, Err: errors.New("missing")}
 			}

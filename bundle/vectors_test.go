@@ -1,0 +1,360 @@
+package bundle_test
+
+import (
+	"archive/tar"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/render"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/bundles")
+
+// memStore serves blobs from memory.
+type memStore map[v1.Hash][]byte
+
+func (m memStore) Open(h v1.Hash) (io.ReadCloser, error) {
+	b, ok := m[h]
+	if !ok {
+		return nil, errors.New("no blob " + h.String())
+	}
+	return io.NopCloser(bytes.NewReader(b)), nil
+}
+
+// tinyBundle is a small valid bundle built from fixed inputs.
+func tinyBundle(t testing.TB) []byte {
+	t.Helper()
+	layer := static.NewLayer([]byte("layer bytes"), types.OCILayer)
+	img, err := mutate.AppendLayers(mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON), layer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err = mutate.ConfigFile(img, &v1.ConfigFile{OS: "linux", Architecture: "amd64", RootFS: v1.RootFS{Type: "layers", DiffIDs: []v1.Hash{mustDigest(t, layer)}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := memStore{}
+	raw, _ := img.RawManifest()
+	digest, _ := img.Digest()
+	store[digest] = raw
+	m, _ := img.Manifest()
+	cfg, _ := img.RawConfigFile()
+	store[m.Config.Digest] = cfg
+	store[mustDigest(t, layer)] = []byte("layer bytes")
+	c := bundle.Contents{
+		Cluster: "v", Node: "w1", Role: "worker", KubernetesVersion: render.KubernetesVersion,
+		BuildTime: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC),
+		Files: []render.File{
+			{Path: "/etc/kubernetes/bootstrap-kubelet.conf", Mode: 0o600, Data: []byte("token: secret\n")},
+			{Path: "/etc/kubernetes/pki/ca.crt", Mode: 0o644, Data: []byte("ca\n")},
+		},
+		Images: []bundle.Image{{
+			Ref: "registry.example/pause:1", Platform: "linux/amd64",
+			Manifest: v1.Descriptor{MediaType: types.OCIManifestSchema1, Digest: digest, Size: int64(len(raw))},
+			Blobs:    []v1.Descriptor{m.Config, m.Layers[0]},
+		}},
+	}
+	var buf bytes.Buffer
+	if _, _, err := bundle.Write(&buf, c, store); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+func mustDigest(t testing.TB, l v1.Layer) v1.Hash {
+	h, err := l.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+type tarEntry struct {
+	hdr  tar.Header
+	data []byte
+}
+
+func entries(t testing.TB, b []byte) []tarEntry {
+	t.Helper()
+	var out []tarEntry
+	tr := tar.NewReader(bytes.NewReader(b))
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		d, _ := io.ReadAll(tr)
+		out = append(out, tarEntry{*h, d})
+	}
+}
+
+func retar(t testing.TB, es []tarEntry) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, e := range es {
+		h := e.hdr
+		if h.Typeflag == tar.TypeReg {
+			h.Size = int64(len(e.data))
+		}
+		if err := tw.WriteHeader(&h); err != nil {
+			t.Fatal(err)
+		}
+		tw.Write(e.data)
+	}
+	tw.Close()
+	return buf.Bytes()
+}
+
+func find(es []tarEntry, prefix string) int {
+	for i, e := range es {
+		if strings.HasPrefix(e.hdr.Name, prefix) {
+			return i
+		}
+	}
+	panic("no entry " + prefix)
+}
+
+// vectors derives each malformed bundle from the valid one; each names the
+// error it must produce.
+func vectors(t testing.TB) map[string]struct {
+	data []byte
+	want string
+} {
+	valid := tinyBundle(t)
+	es := func() []tarEntry { return entries(t, valid) }
+	with := func(f func([]tarEntry) []tarEntry) []byte { return retar(t, f(es())) }
+	boot := "files/etc/kubernetes/bootstrap-kubelet.conf"
+	out := map[string]struct {
+		data []byte
+		want string
+	}{}
+	add := func(name string, data []byte, want string) {
+		out[name] = struct {
+			data []byte
+			want string
+		}{data, want}
+	}
+	add("valid", valid, "")
+	tampered := bytes.Clone(valid)
+	i := bytes.Index(tampered, []byte("token: secret"))
+	tampered[i] ^= 0x20
+	add("tampered", tampered, "entry "+boot+": sha256 mismatch")
+	add("truncated", valid[:len(valid)/2], "bundle is truncated")
+	add("truncated-at-entry-boundary", valid[:len(valid)-1024], "bundle is truncated")
+	add("trailing-garbage", append(bytes.Clone(valid), []byte("more")...), "data after the end of the archive")
+	add("path-dotdot", with(func(e []tarEntry) []tarEntry {
+		e[find(e, boot)].hdr.Name = "files/../../etc/passwd"
+		return e
+	}), "entry files/../../etc/passwd: path escapes the bundle")
+	add("path-absolute", with(func(e []tarEntry) []tarEntry {
+		e[find(e, boot)].hdr.Name = "/etc/kubernetes/bootstrap-kubelet.conf"
+		return e
+	}), "entry /etc/kubernetes/bootstrap-kubelet.conf: path escapes the bundle")
+	add("symlink", with(func(e []tarEntry) []tarEntry {
+		j := find(e, boot)
+		e[j].hdr.Typeflag, e[j].hdr.Linkname, e[j].hdr.Size, e[j].data = tar.TypeSymlink, "/etc/shadow", 0, nil
+		return e
+	}), "entry "+boot+": is a symbolic link; a bundle holds regular files only")
+	add("hardlink", with(func(e []tarEntry) []tarEntry {
+		j := find(e, boot)
+		e[j].hdr.Typeflag, e[j].hdr.Linkname, e[j].hdr.Size, e[j].data = tar.TypeLink, "airadm.json", 0, nil
+		return e
+	}), "entry "+boot+": is a hard link")
+	add("device", with(func(e []tarEntry) []tarEntry {
+		j := find(e, boot)
+		e[j].hdr.Typeflag, e[j].hdr.Devmajor, e[j].hdr.Size, e[j].data = tar.TypeChar, 1, 0, nil
+		return e
+	}), "entry "+boot+": is a character device")
+	add("duplicate", with(func(e []tarEntry) []tarEntry {
+		j := find(e, boot)
+		return append(e[:j+1], e[j:]...)
+	}), "entry "+boot+": duplicate entry")
+	add("oversized", with(func(e []tarEntry) []tarEntry {
+		j := find(e, boot)
+		e[j].data = append(e[j].data, bytes.Repeat([]byte("x"), 1<<16)...)
+		return e
+	}), "entry "+boot+": size mismatch: got 65550, want 14")
+	add("unknown-entry", with(func(e []tarEntry) []tarEntry {
+		extra := e[find(e, boot)]
+		extra.hdr.Name = "files/etc/cron.d/evil"
+		return append(e, extra)
+	}), "entry files/etc/cron.d/evil: unknown entry: not in the manifest")
+	add("missing-entry", with(func(e []tarEntry) []tarEntry {
+		j := find(e, boot)
+		return append(e[:j], e[j+1:]...)
+	}), "entry "+boot+": missing where files/etc/kubernetes/pki/ca.crt stands")
+	add("manifest-not-first", with(func(e []tarEntry) []tarEntry {
+		e[0], e[1] = e[1], e[0]
+		return e
+	}), "entry "+boot+": the first entry must be airadm.json")
+	add("manifest-unknown-field", with(func(e []tarEntry) []tarEntry {
+		e[0].data = bytes.Replace(e[0].data, []byte(`"formatVersion": 1,`), []byte(`"formatVersion": 1, "hooks": ["rm -rf /"],`), 1)
+		return e
+	}), `entry airadm.json: decoding airadm.json: json: unknown field "hooks"`)
+	add("manifest-escaping-path", with(func(e []tarEntry) []tarEntry {
+		e[0].data = bytes.Replace(e[0].data, []byte(`"/etc/kubernetes/pki/ca.crt"`), []byte(`"/etc/kubernetes/../shadow"`), 1)
+		return e
+	}), `entry airadm.json: checking airadm.json: file path "/etc/kubernetes/../shadow" is not a clean absolute path`)
+	add("dangling-image-blob", with(func(e []tarEntry) []tarEntry {
+		// Drop the layer from both the manifest's blob list and the tar.
+		var layer string
+		for _, x := range e {
+			if x.hdr.Name == "images/blobs/sha256/"+strings.TrimPrefix(string(mustLayer(t)), "sha256:") {
+				layer = x.hdr.Name
+			}
+		}
+		var out []tarEntry
+		for _, x := range e {
+			if x.hdr.Name != layer {
+				out = append(out, x)
+			}
+		}
+		var m map[string]any
+		json.Unmarshal(out[0].data, &m)
+		var keep []any
+		for _, b := range m["blobs"].([]any) {
+			if b.(map[string]any)["digest"] != string(mustLayer(t)) {
+				keep = append(keep, b)
+			}
+		}
+		m["blobs"] = keep
+		out[0].data, _ = json.Marshal(m)
+		return out
+	}), "references "+string(mustLayer(t))+", which the bundle lacks")
+	return out
+}
+
+func mustLayer(t testing.TB) string {
+	h, err := static.NewLayer([]byte("layer bytes"), types.OCILayer).Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h.String()
+}
+
+// TestVectors reads each committed vector and expects exactly its declared
+// outcome; -update regenerates them from the valid bundle.
+func TestVectors(t *testing.T) {
+	vs := vectors(t)
+	dir := "testdata/bundles"
+	if *update {
+		os.MkdirAll(dir, 0o755)
+		expect := map[string]string{}
+		for name, v := range vs {
+			if err := os.WriteFile(filepath.Join(dir, name+".bundle"), v.data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			expect[name] = v.want
+		}
+		b, _ := json.MarshalIndent(expect, "", "  ")
+		os.WriteFile(filepath.Join(dir, "vectors.json"), append(b, '\n'), 0o644)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "vectors.json"))
+	if err != nil {
+		t.Fatalf("%v (go test ./bundle -update writes the vectors)", err)
+	}
+	var expect map[string]string
+	if err := json.Unmarshal(b, &expect); err != nil {
+		t.Fatal(err)
+	}
+	if len(expect) != len(vs) {
+		t.Errorf("vectors.json has %d vectors, the generator %d: run -update", len(expect), len(vs))
+	}
+	for name, want := range expect {
+		t.Run(name, func(t *testing.T) {
+			data, err := os.ReadFile(filepath.Join(dir, name+".bundle"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var files []string
+			_, _, err = bundle.Read(bytes.NewReader(data), bundle.Visitor{File: func(f bundle.FileEntry, r io.Reader) error {
+				files = append(files, f.Path)
+				_, err := io.Copy(io.Discard, r)
+				return err
+			}})
+			if want == "" {
+				if err != nil {
+					t.Fatalf("valid bundle refused: %v", err)
+				}
+				return
+			}
+			var ee *bundle.EntryError
+			if !errors.As(err, &ee) {
+				t.Fatalf("err = %v (%T), want an *EntryError containing %q", err, err, want)
+			}
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("err = %q, want it to contain %q", err, want)
+			}
+		})
+	}
+}
+
+// FuzzRead feeds arbitrary bytes to the reader: it must never panic, and
+// whatever it accepts must be a bundle whose every entry it verified.
+func FuzzRead(f *testing.F) {
+	files, _ := filepath.Glob("testdata/bundles/*.bundle")
+	for _, p := range files {
+		b, err := os.ReadFile(p)
+		if err == nil {
+			f.Add(b)
+		}
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		m, digest, err := bundle.Read(bytes.NewReader(data), bundle.Visitor{})
+		if err != nil {
+			var ee *bundle.EntryError
+			if !errors.As(err, &ee) {
+				t.Fatalf("error of type %T: %v", err, err)
+			}
+			return
+		}
+		if m == nil || !strings.HasPrefix(digest, "sha256:") {
+			t.Fatal("accepted without a manifest")
+		}
+	})
+}
+
+// untar extracts a bundle the way any tar tool would, to check that
+// standard readers can use its images/ layout.
+func untar(b []byte, dir string) error {
+	tr := tar.NewReader(bytes.NewReader(b))
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		p := filepath.Join(dir, h.Name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return err
+		}
+		data, err := io.ReadAll(tr)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(p, data, 0o644); err != nil {
+			return err
+		}
+	}
+}
