@@ -1,8 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"crypto/rand"
+	"io/fs"
 	"os"
+	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -20,5 +24,69 @@ func TestMain(m *testing.M) {
 // TestScript runs the CLI scenarios in testdata/script, each a txtar file
 // of commands with their expected output and exit status.
 func TestScript(t *testing.T) {
-	testscript.Run(t, testscript.Params{Dir: "testdata/script"})
+	testscript.Run(t, testscript.Params{
+		Dir: "testdata/script",
+		Setup: func(e *testscript.Env) error {
+			// The quickstart (config and image layout, not its secrets) is
+			// every script's to use; images are cached per script.
+			e.Setenv("AIRADM_CACHE", filepath.Join(e.WorkDir, ".cache"))
+			return copyTree("testdata/quickstart", filepath.Join(e.WorkDir, "quickstart"), "secrets")
+		},
+		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
+			// flipbyte SRC TEXT DST: DST is SRC with the first byte of the
+			// first TEXT in it inverted.
+			"flipbyte": func(ts *testscript.TestScript, neg bool, args []string) {
+				if len(args) != 3 {
+					ts.Fatalf("usage: flipbyte SRC TEXT DST")
+				}
+				b, err := os.ReadFile(ts.MkAbs(args[0]))
+				ts.Check(err)
+				i := bytes.Index(b, []byte(args[1]))
+				if i < 0 {
+					ts.Fatalf("%s does not contain %q", args[0], args[1])
+				}
+				b[i] ^= 0xff
+				ts.Check(os.WriteFile(ts.MkAbs(args[2]), b, 0o644))
+			},
+			// truncate SRC LEN DST: DST is the first LEN bytes of SRC.
+			"truncate": func(ts *testscript.TestScript, neg bool, args []string) {
+				b, n := readArgs(ts, args)
+				ts.Check(os.WriteFile(ts.MkAbs(args[2]), b[:n], 0o644))
+			},
+		},
+	})
+}
+
+func readArgs(ts *testscript.TestScript, args []string) ([]byte, int) {
+	if len(args) != 3 {
+		ts.Fatalf("usage: SRC N DST")
+	}
+	b, err := os.ReadFile(ts.MkAbs(args[0]))
+	ts.Check(err)
+	n, err := strconv.Atoi(args[1])
+	ts.Check(err)
+	if n >= len(b) {
+		ts.Fatalf("%s has only %d bytes", args[0], len(b))
+	}
+	return b, n
+}
+
+func copyTree(src, dst, skip string) error {
+	return filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, p)
+		if rel == skip {
+			return filepath.SkipDir
+		}
+		if d.IsDir() {
+			return os.MkdirAll(filepath.Join(dst, rel), 0o755)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(filepath.Join(dst, rel), b, 0o644)
+	})
 }
