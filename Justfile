@@ -18,7 +18,7 @@ lint:
 # Run the benchmarks; ratios compare airadm with kubeadm measured in the same run.
 bench:
     go run ./hack/k8sbin >/dev/null
-    go test -run '^$' -bench . -benchtime 5x ./...
+    go test -run '^$' -bench . -benchtime 3x ./...
 
 # Build or verify the pinned Kubernetes and etcd binaries in the cache.
 k8sbin:
