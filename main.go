@@ -23,6 +23,7 @@ type CLI struct {
 	Render  RenderCmd  `cmd:"" help:"Write a node's file tree (what its bundle carries, without images) for review."`
 	Inspect InspectCmd `cmd:"" help:"Describe a bundle: node, files, images and certificate expiry."`
 	Verify  VerifyCmd  `cmd:"" help:"Check every byte of a bundle against its manifest."`
+	Apply   ApplyCmd   `cmd:"" help:"Verify a bundle and bring this host up as its node."`
 	Images  ImagesCmd  `cmd:"" help:"Container images of the cluster."`
 	Version VersionCmd `cmd:"" help:"Print the airadm and pinned Kubernetes versions."`
 }
@@ -61,6 +62,7 @@ func run(args []string, env *Env) (code int) {
 		kong.Writers(env.Stdout, env.Stderr),
 		kong.Exit(func(c int) { exited, code = true, c }),
 		kong.Bind(env),
+		kong.Vars{"phases": phaseNames()},
 	)
 	if err != nil {
 		fmt.Fprintf(env.Stderr, "airadm: %v\n", err)

@@ -21,9 +21,6 @@ func Path(root, hostPath string) string {
 
 // WriteTree writes files under root.
 func WriteTree(root string, files []render.File) error {
-	if err := os.MkdirAll(root, 0o755); err != nil {
-		return fmt.Errorf("creating %s: %w", root, err)
-	}
 	for _, f := range files {
 		if err := MkdirAll(root, filepath.Dir(f.Path)); err != nil {
 			return err
@@ -39,6 +36,9 @@ func WriteTree(root string, files []render.File) error {
 // render.DirMode; existing directories are left as they are.
 func MkdirAll(root, hostDir string) error {
 	if hostDir == "/" || hostDir == "." {
+		if err := os.MkdirAll(root, 0o755); err != nil {
+			return fmt.Errorf("creating %s: %w", root, err)
+		}
 		return nil
 	}
 	if err := MkdirAll(root, filepath.Dir(hostDir)); err != nil {

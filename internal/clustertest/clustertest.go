@@ -60,7 +60,7 @@ func New(t *testing.T, config string) *Cluster {
 }
 
 // Files renders node name or fails the test.
-func (c *Cluster) Files(t *testing.T, name string) map[string]render.File {
+func (c *Cluster) Files(t testing.TB, name string) map[string]render.File {
 	t.Helper()
 	files, err := render.NodeFiles(c.Cluster, c.Secrets, name)
 	if err != nil {

@@ -82,8 +82,23 @@ func (p *Plane) File(node, hostPath string) []byte {
 // the first. Everything is stopped when the test ends, whatever happens.
 func Start(t *testing.T, c *clustertest.Cluster) *Plane {
 	t.Helper()
+	p := New(t, c)
+	p.Render()
+	p.Start()
+	return p
+}
+
+// New prepares an empty root for c's nodes; nothing runs yet.
+func New(t *testing.T, c *clustertest.Cluster) *Plane {
 	p := &Plane{t: t, Cluster: c, Root: t.TempDir()}
 	t.Cleanup(p.stop)
+	return p
+}
+
+// Render writes every node's rendered files under its NodeRoot.
+func (p *Plane) Render() {
+	t, c := p.t, p.Cluster
+	t.Helper()
 	for _, n := range c.Nodes {
 		if !n.Address.Is4() || !n.Address.IsLoopback() {
 			t.Fatalf("node %s address %s is not in 127.0.0.0/8", n.Name, n.Address)
@@ -97,7 +112,13 @@ func Start(t *testing.T, c *clustertest.Cluster) *Plane {
 			t.Fatal(err)
 		}
 	}
-	cps := c.ControlPlanes()
+}
+
+// Start runs the control plane from the files under each NodeRoot, however
+// they got there (Render, or airadm apply).
+func (p *Plane) Start() {
+	p.t.Helper()
+	cps := p.Cluster.ControlPlanes()
 	for i, n := range cps {
 		p.startComponent(n, "etcd", i > 0)
 	}
@@ -116,7 +137,6 @@ func Start(t *testing.T, c *clustertest.Cluster) *Plane {
 	insecure := &tls.Config{InsecureSkipVerify: true} // self-signed serving certs; only liveness is asked
 	p.waitHTTP("kube-controller-manager", "https://127.0.0.1:10257/healthz", insecure)
 	p.waitHTTP("kube-scheduler", "https://127.0.0.1:10259/healthz", insecure)
-	return p
 }
 
 // startComponent runs the command line of node's manifest for component.

@@ -115,7 +115,13 @@ address = "127.0.1.21"
 			})
 
 			t.Run("a real kubelet joins with the worker's bootstrap token", func(t *testing.T) {
-				cert := kubeletBootstrap(ctx, t, p, super)
+				if err := phases.EnsureNodeBootstrapRBAC(ctx, super); err != nil {
+					t.Fatal(err)
+				}
+				if err := phases.EnsureBootstrapToken(ctx, super, c.Secrets.Tokens["w1"], "w1", time.Now(), c.TokenTTL); err != nil {
+					t.Fatal(err)
+				}
+				cert := kubeletBootstrap(t, p, "w1")
 				verifyNodeCert(t, cert, ca, "w1")
 			})
 		})
@@ -274,18 +280,11 @@ func verifyNodeCert(t *testing.T, cert, ca *x509.Certificate, node string) {
 // client certificate it was issued. There is no container runtime here, so
 // --rotate-certificates=false makes kubelet finish the bootstrap before it
 // checks for one (REAL-CLUSTER-NOTES.md).
-func kubeletBootstrap(ctx context.Context, t *testing.T, p *controlplane.Plane, super kubernetes.Interface) *x509.Certificate {
+func kubeletBootstrap(t *testing.T, p *controlplane.Plane, node string) *x509.Certificate {
 	t.Helper()
-	c := p.Cluster
-	if err := phases.EnsureNodeBootstrapRBAC(ctx, super); err != nil {
-		t.Fatal(err)
-	}
-	if err := phases.EnsureBootstrapToken(ctx, super, c.Secrets.Tokens["w1"], "w1", time.Now(), c.TokenTTL); err != nil {
-		t.Fatal(err)
-	}
-	root := p.NodeRoot("w1")
+	root := p.NodeRoot(node)
 	var kc kubeletv1beta1.KubeletConfiguration
-	if err := yaml.UnmarshalStrict(p.File("w1", render.KubeletConfigFile), &kc); err != nil {
+	if err := yaml.UnmarshalStrict(p.File(node, render.KubeletConfigFile), &kc); err != nil {
 		t.Fatal(err)
 	}
 	// Test overlay for these hosts: cgroup v1 without systemd as PID 1,
@@ -299,7 +298,7 @@ func kubeletBootstrap(ctx context.Context, t *testing.T, p *controlplane.Plane, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfgPath := filepath.Join(p.Root, "w1-kubelet-config.yaml")
+	cfgPath := filepath.Join(p.Root, node+"-kubelet-config.yaml")
 	if err := os.WriteFile(cfgPath, kcYAML, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -309,13 +308,13 @@ func kubeletBootstrap(ctx context.Context, t *testing.T, p *controlplane.Plane, 
 	}
 	kubeletDir := hostfs.Path(root, render.KubeletDir)
 	kubeconfig := hostfs.Path(root, render.KubeletKubeconfig)
-	proc := p.Run("kubelet-w1", bin,
+	proc := p.Run("kubelet-"+node, bin,
 		"--bootstrap-kubeconfig="+hostfs.Path(root, render.BootstrapKubeconfig),
 		"--kubeconfig="+kubeconfig,
 		"--config="+cfgPath,
 		"--root-dir="+kubeletDir,
 		"--cert-dir="+filepath.Join(kubeletDir, "pki"),
-		"--hostname-override=w1",
+		"--hostname-override="+node,
 		"--rotate-certificates=false",
 	)
 	certPath := filepath.Join(kubeletDir, "pki", "kubelet-client-current.pem")

@@ -1,0 +1,86 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+
+	"airadm.dev/airadm/phases"
+)
+
+// ApplyCmd runs a bundle's phases on this host.
+type ApplyCmd struct {
+	All   ApplyAllCmd   `cmd:"" default:"withargs" hidden:"" help:"Run every phase."`
+	Phase ApplyPhaseCmd `cmd:"" help:"Run one phase: ${phases}."`
+}
+
+type applyFlags struct {
+	ManifestDigest        string   `help:"Manifest digest to authenticate the bundle against (default: SHA256SUMS beside it)."`
+	Root                  string   `default:"/" help:"Treat DIR as the host's / (tests, image building)."`
+	DryRun                bool     `help:"Print what each phase would do; change nothing."`
+	Node                  string   `help:"Apply even though the host name differs from the bundle's node."`
+	IgnorePreflightErrors []string `sep:"," help:"Preflight checks to ignore by name, or all."`
+}
+
+func (f applyFlags) options(env *Env, bundlePath string) (phases.Options, error) {
+	digest, from := trustedManifest(bundlePath, f.ManifestDigest)
+	if from == "" {
+		fmt.Fprintf(env.Stderr, "warning: %s is checked for integrity only: no SHA256SUMS beside it and no --manifest-digest\n", bundlePath)
+	}
+	return phases.Options{
+		Bundle: bundlePath, ManifestDigest: digest, Root: f.Root, DryRun: f.DryRun, Node: f.Node,
+		IgnorePreflight: f.IgnorePreflightErrors, Out: env.Stdout, Now: env.Now,
+	}, nil
+}
+
+type ApplyAllCmd struct {
+	applyFlags
+	SkipPhases []string `sep:"," help:"Phases to skip."`
+	Bundle     string   `arg:"" help:"Bundle file."`
+}
+
+func (cmd *ApplyAllCmd) Run(env *Env) error {
+	o, err := cmd.options(env, cmd.Bundle)
+	if err != nil {
+		return err
+	}
+	o.SkipPhases = cmd.SkipPhases
+	return apply(o)
+}
+
+type ApplyPhaseCmd struct {
+	applyFlags
+	Name   string `arg:"" help:"Phase name."`
+	Bundle string `arg:"" help:"Bundle file."`
+}
+
+func (cmd *ApplyPhaseCmd) Run(env *Env) error {
+	o, err := cmd.options(env, cmd.Bundle)
+	if err != nil {
+		return err
+	}
+	o.Only = cmd.Name
+	return apply(o)
+}
+
+func apply(o phases.Options) error {
+	if _, err := phases.Plan("control-plane", o.SkipPhases, o.Only); err != nil && strings.HasPrefix(err.Error(), "unknown phase") {
+		return usageError{err}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	if err := phases.Apply(ctx, o); err != nil {
+		return fmt.Errorf("applying %s: %w", o.Bundle, err)
+	}
+	return nil
+}
+
+func phaseNames() string {
+	var names []string
+	for _, p := range phases.Phases() {
+		names = append(names, p.Name)
+	}
+	return strings.Join(names, ", ")
+}

@@ -1,0 +1,279 @@
+package phases
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	bootstrapapi "k8s.io/cluster-bootstrap/token/api"
+
+	"airadm.dev/airadm/render"
+)
+
+const superAdmin = render.KubernetesDir + "/super-admin.conf"
+
+// poll calls f every interval until it returns true or the run's timeout.
+func (r *Run) poll(ctx context.Context, interval time.Duration, f func(context.Context) (bool, error)) error {
+	ctx, cancel := context.WithTimeout(ctx, r.Timeout)
+	defer cancel()
+	var last error
+	for {
+		done, err := f(ctx)
+		if done {
+			return nil
+		}
+		last = err
+		select {
+		case <-ctx.Done():
+			if last != nil {
+				return fmt.Errorf("gave up after %v: %w", r.Timeout, last)
+			}
+			return fmt.Errorf("gave up after %v", r.Timeout)
+		case <-time.After(interval):
+		}
+	}
+}
+
+func runWaitControlPlane(ctx context.Context, r *Run) error {
+	if r.DryRun {
+		r.logf("  would wait up to %v for /readyz through %s, then bind group %s to cluster-admin", r.Timeout, superAdmin, ClusterAdminsGroup)
+		return nil
+	}
+	cs, err := r.Client(superAdmin)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	err = r.poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
+		body, err := cs.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
+		return err == nil && string(body) == "ok", err
+	})
+	if err != nil {
+		return fmt.Errorf("the apiserver is not ready: %w; %s", err, staticPodHealth(ctx))
+	}
+	r.logf("  apiserver ready after %v", time.Since(start).Round(10*time.Millisecond))
+	return EnsureClusterAdmins(ctx, cs)
+}
+
+// staticPodHealth asks each control-plane component's own health endpoint,
+// so a failed wait says which static pod is at fault.
+func staticPodHealth(ctx context.Context) string {
+	client := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{
+		// Only liveness is read; the components serve self-signed certificates.
+		TLSClientConfig: &tls.Config{InsecureSkipVerify: true},
+	}}
+	var parts []string
+	for _, c := range []struct{ name, url string }{
+		{"etcd", "http://127.0.0.1:2381/health"},
+		{"kube-apiserver", "https://127.0.0.1:6443/livez"},
+		{"kube-controller-manager", "https://127.0.0.1:10257/healthz"},
+		{"kube-scheduler", "https://127.0.0.1:10259/healthz"},
+	} {
+		req, _ := http.NewRequestWithContext(context.WithoutCancel(ctx), http.MethodGet, c.url, nil)
+		resp, err := client.Do(req)
+		switch {
+		case err != nil:
+			parts = append(parts, c.name+" not answering")
+		case resp.StatusCode != http.StatusOK:
+			parts = append(parts, fmt.Sprintf("%s unhealthy (HTTP %d)", c.name, resp.StatusCode))
+		default:
+			parts = append(parts, c.name+" healthy")
+		}
+		if resp != nil {
+			resp.Body.Close()
+		}
+	}
+	return "static pods: " + strings.Join(parts, ", ") + " (see crictl ps -a and the kubelet log)"
+}
+
+func runUploadConfig(ctx context.Context, r *Run) error {
+	files, err := r.readFiles()
+	if err != nil {
+		return err
+	}
+	clusterCfg, kubeletCfg := files[render.KubeadmConfigFile], files[render.KubeletConfigFile]
+	if clusterCfg == nil || kubeletCfg == nil {
+		return fmt.Errorf("the bundle lacks %s or %s", render.KubeadmConfigFile, render.KubeletConfigFile)
+	}
+	if r.DryRun {
+		r.logf("  would store ConfigMaps kube-system/kubeadm-config and kube-system/kubelet-config with their RBAC")
+		return nil
+	}
+	cs, err := r.Client(superAdmin)
+	if err != nil {
+		return err
+	}
+	cms := cs.CoreV1().ConfigMaps(metav1.NamespaceSystem)
+	for _, cm := range []*corev1.ConfigMap{
+		{ObjectMeta: metav1.ObjectMeta{Name: "kubeadm-config", Namespace: metav1.NamespaceSystem}, Data: map[string]string{"ClusterConfiguration": string(clusterCfg)}},
+		{ObjectMeta: metav1.ObjectMeta{Name: "kubelet-config", Namespace: metav1.NamespaceSystem}, Data: map[string]string{"kubelet": string(kubeletCfg)}},
+	} {
+		if err := createOrUpdate(ctx, cms, cm, keepVersion); err != nil {
+			return err
+		}
+	}
+	// kubeadm lets nodes and token holders read both, so that `kubeadm
+	// join` and `kubeadm upgrade node` work on this cluster later.
+	subjects := []rbacv1.Subject{group(nodesGroup), group(NodeBootstrapTokenAuthGroup)}
+	for name, cm := range map[string]string{"kubeadm:nodes-kubeadm-config": "kubeadm-config", "kubeadm:kubelet-config": "kubelet-config"} {
+		role := &rbacv1.Role{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: metav1.NamespaceSystem},
+			Rules:      []rbacv1.PolicyRule{{Verbs: []string{"get"}, APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{cm}}},
+		}
+		binding := &rbacv1.RoleBinding{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: metav1.NamespaceSystem},
+			RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: name},
+			Subjects:   subjects,
+		}
+		if err := createOrUpdate(ctx, cs.RbacV1().Roles(metav1.NamespaceSystem), role, keepVersion); err != nil {
+			return err
+		}
+		if err := createOrUpdate(ctx, cs.RbacV1().RoleBindings(metav1.NamespaceSystem), binding, keepVersion); err != nil {
+			return err
+		}
+	}
+	r.logf("  stored kube-system/kubeadm-config and kube-system/kubelet-config")
+	return nil
+}
+
+// Control-plane node markings, as kubeadm's markcontrolplane phase.
+const (
+	ControlPlaneLabel = "node-role.kubernetes.io/control-plane"
+	excludeLBLabel    = "node.kubernetes.io/exclude-from-external-load-balancers"
+)
+
+func runMarkControlPlane(ctx context.Context, r *Run) error {
+	node := r.Manifest.Node
+	if r.DryRun {
+		r.logf("  would label node %s %s and taint it %s:NoSchedule", node, ControlPlaneLabel, ControlPlaneLabel)
+		return nil
+	}
+	cs, err := r.Client(superAdmin)
+	if err != nil {
+		return err
+	}
+	// The Node appears when this host's kubelet registers it.
+	err = r.poll(ctx, 500*time.Millisecond, func(ctx context.Context) (bool, error) {
+		n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		taints := n.Spec.Taints
+		has := false
+		for _, t := range taints {
+			if t.Key == ControlPlaneLabel && t.Effect == corev1.TaintEffectNoSchedule {
+				has = true
+			}
+		}
+		if !has {
+			taints = append(taints, corev1.Taint{Key: ControlPlaneLabel, Effect: corev1.TaintEffectNoSchedule})
+		}
+		taintPatch, err := json.Marshal(map[string]any{
+			"metadata": map[string]any{"labels": map[string]string{ControlPlaneLabel: "", excludeLBLabel: ""}, "resourceVersion": n.ResourceVersion},
+			"spec":     map[string]any{"taints": taints},
+		})
+		if err != nil {
+			return false, err
+		}
+		_, err = cs.CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, taintPatch, metav1.PatchOptions{})
+		return err == nil, err
+	})
+	if err != nil {
+		return fmt.Errorf("marking node %s: %w", node, err)
+	}
+	r.logf("  node %s labelled and tainted", node)
+	return nil
+}
+
+func runBootstrapToken(ctx context.Context, r *Run) error {
+	files, err := r.readFiles()
+	if err != nil {
+		return err
+	}
+	var join render.Join
+	if err := json.Unmarshal(files[render.JoinFile], &join); err != nil {
+		return fmt.Errorf("reading %s from the bundle: %w", render.JoinFile, err)
+	}
+	ttl, err := time.ParseDuration(join.TokenTTL)
+	if err != nil {
+		return fmt.Errorf("reading %s from the bundle: token TTL: %w", render.JoinFile, err)
+	}
+	if r.DryRun {
+		r.logf("  would publish kube-public/cluster-info, node bootstrap RBAC and %d worker tokens valid for %v", len(join.Tokens), ttl)
+		return nil
+	}
+	cs, err := r.Client(superAdmin)
+	if err != nil {
+		return err
+	}
+	if err := r.ensureClusterInfo(ctx, files); err != nil {
+		return err
+	}
+	if err := EnsureNodeBootstrapRBAC(ctx, cs); err != nil {
+		return err
+	}
+	now := r.Now()
+	for _, t := range join.Tokens {
+		if err := EnsureBootstrapToken(ctx, cs, render.Token{ID: t.ID, Secret: t.Secret}, t.Node, now, ttl); err != nil {
+			return err
+		}
+		// The token ID is public (it names the Secret); the secret half never appears.
+		r.logf("  token %s for worker %s", t.ID, t.Node)
+	}
+	return nil
+}
+
+// ensureClusterInfo publishes the cluster's CA and endpoint in
+// kube-public/cluster-info, readable anonymously, as kubeadm does; the
+// bootstrap signer signs it for token-based discovery by other tools.
+func (r *Run) ensureClusterInfo(ctx context.Context, files map[string][]byte) error {
+	cs, err := r.Client(superAdmin)
+	if err != nil {
+		return err
+	}
+	admin, err := clientcmd.Load(files[render.KubernetesDir+"/admin.conf"])
+	if err != nil {
+		return fmt.Errorf("reading admin.conf from the bundle: %w", err)
+	}
+	var server string
+	for _, c := range admin.Clusters {
+		server = c.Server
+	}
+	info := clientcmdapi.NewConfig()
+	info.Clusters[""] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: files[render.PKIDir+"/ca.crt"]}
+	kubeconfig, err := clientcmd.Write(*info)
+	if err != nil {
+		return err
+	}
+	cm := &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: bootstrapapi.ConfigMapClusterInfo, Namespace: metav1.NamespacePublic},
+		Data:       map[string]string{bootstrapapi.KubeConfigKey: string(kubeconfig)},
+	}
+	if err := createOrUpdate(ctx, cs.CoreV1().ConfigMaps(metav1.NamespacePublic), cm, keepVersion); err != nil {
+		return err
+	}
+	role := &rbacv1.Role{
+		ObjectMeta: metav1.ObjectMeta{Name: "kubeadm:bootstrap-signer-clusterinfo", Namespace: metav1.NamespacePublic},
+		Rules: []rbacv1.PolicyRule{{Verbs: []string{"get"}, APIGroups: []string{""}, Resources: []string{"configmaps"},
+			ResourceNames: []string{bootstrapapi.ConfigMapClusterInfo}}},
+	}
+	binding := &rbacv1.RoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: role.Name, Namespace: metav1.NamespacePublic},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: role.Name},
+		Subjects:   []rbacv1.Subject{{Kind: rbacv1.UserKind, Name: "system:anonymous"}},
+	}
+	if err := createOrUpdate(ctx, cs.RbacV1().Roles(metav1.NamespacePublic), role, keepVersion); err != nil {
+		return err
+	}
+	return createOrUpdate(ctx, cs.RbacV1().RoleBindings(metav1.NamespacePublic), binding, keepVersion)
+}

@@ -1,0 +1,91 @@
+package phases
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	authnv1 "k8s.io/api/authentication/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"airadm.dev/airadm/render"
+)
+
+// KubeletClientCert is where kubelet keeps the client certificate the
+// cluster issued it.
+const KubeletClientCert = render.KubeletDir + "/pki/kubelet-client-current.pem"
+
+// runTLSBootstrap waits until the kubelet holds an issued client certificate
+// and its Node exists, then removes bootstrap-kubelet.conf: the token has
+// done its work and should not stay on disk.
+func runTLSBootstrap(ctx context.Context, r *Run) error {
+	node := r.Manifest.Node
+	if r.DryRun {
+		r.logf("  would wait up to %v for %s and Node %s, then remove %s", r.Timeout, KubeletClientCert, node, render.BootstrapKubeconfig)
+		return nil
+	}
+	boot := r.path(render.BootstrapKubeconfig)
+	if _, err := os.Stat(boot); err == nil {
+		// Fail fast on a token the cluster will not accept, instead of
+		// waiting out the timeout while kubelet retries.
+		if err := checkToken(ctx, boot); err != nil {
+			return err
+		}
+	}
+	start := time.Now()
+	err := r.poll(ctx, 500*time.Millisecond, func(ctx context.Context) (bool, error) {
+		if _, err := os.Stat(r.path(KubeletClientCert)); err != nil {
+			return false, fmt.Errorf("no client certificate yet at %s", KubeletClientCert)
+		}
+		cs, err := kubeletClient(r.path(render.KubeletKubeconfig))
+		if err != nil {
+			return false, err
+		}
+		_, err = cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		return err == nil, err
+	})
+	if err != nil {
+		return fmt.Errorf("joining as %s: %w", node, err)
+	}
+	r.logf("  node %s joined after %v", node, time.Since(start).Round(10*time.Millisecond))
+	if err := os.Remove(boot); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("removing %s: %w", render.BootstrapKubeconfig, err)
+	}
+	return nil
+}
+
+func kubeletClient(kubeconfig string) (kubernetes.Interface, error) {
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("loading %s: %w", render.KubeletKubeconfig, err)
+	}
+	cfg.Timeout = 10 * time.Second
+	return kubernetes.NewForConfig(cfg)
+}
+
+// checkToken asks the apiserver who the bootstrap token is. A 401 means it
+// expired, was never created, or belongs to another cluster.
+func checkToken(ctx context.Context, bootstrapKubeconfig string) error {
+	cs, err := kubeletClient(bootstrapKubeconfig)
+	if err != nil {
+		return err
+	}
+	var last error
+	for i := 0; i < 5; i++ {
+		_, err := cs.AuthenticationV1().SelfSubjectReviews().Create(ctx, &authnv1.SelfSubjectReview{}, metav1.CreateOptions{})
+		if err == nil {
+			return nil
+		}
+		if apierrors.IsUnauthorized(err) {
+			return fmt.Errorf("the control plane rejects this node's bootstrap token: it has expired (join.token_ttl counts from the control plane's bootstrap-token phase) or was never published; renew it with `airadm apply phase bootstrap-token <control-plane>.bundle` on a control plane, then run this again")
+		}
+		last = err
+		time.Sleep(time.Second)
+	}
+	return fmt.Errorf("checking the bootstrap token: %w", last)
+}

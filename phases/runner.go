@@ -1,0 +1,272 @@
+package phases
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"airadm.dev/airadm/atomicfile"
+	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/hostfs"
+	"airadm.dev/airadm/render"
+)
+
+// Phase is one step of apply, declared as data.
+type Phase struct {
+	Name  string
+	Short string
+	// Roles the phase runs for.
+	Roles []render.Role
+	Run   func(ctx context.Context, r *Run) error
+}
+
+var (
+	bothRoles    = []render.Role{render.ControlPlane, render.Worker}
+	controlPlane = []render.Role{render.ControlPlane}
+	workerOnly   = []render.Role{render.Worker}
+)
+
+// Phases lists every phase in the order apply runs them.
+func Phases() []Phase {
+	return []Phase{
+		{"preflight", "check that the host and the bundle fit each other", bothRoles, runPreflight},
+		{"files", "write the bundle's verified files to their host paths", bothRoles, runFiles},
+		{"wait-control-plane", "wait for the apiserver's /readyz and make admin.conf's group cluster-admin", controlPlane, runWaitControlPlane},
+		{"upload-config", "store the kubeadm-config and kubelet-config ConfigMaps", controlPlane, runUploadConfig},
+		{"mark-control-plane", "label and taint this node as a control plane", controlPlane, runMarkControlPlane},
+		{"bootstrap-token", "publish cluster-info, node bootstrap RBAC and each worker's token", controlPlane, runBootstrapToken},
+		{"tls-bootstrap", "wait for the kubelet's issued client certificate and its Node, then drop the bootstrap credential", workerOnly, runTLSBootstrap},
+	}
+}
+
+// Options configure one apply.
+type Options struct {
+	Bundle string
+	// ManifestDigest authenticates the bundle; empty means integrity only.
+	ManifestDigest  string
+	Root            string // "/" on a real host
+	DryRun          bool
+	SkipPhases      []string
+	Only            string // run just this phase
+	Node            string // overrides the host-name match in preflight
+	IgnorePreflight []string
+	Out             io.Writer // one line per action; never a secret
+	Now             func() time.Time
+	// Timeout bounds each wait on the cluster.
+	Timeout time.Duration
+}
+
+// Run is the typed context every phase gets.
+type Run struct {
+	Options
+	Manifest *bundle.Manifest
+	Digest   string
+	journal  *Journal
+	client   kubernetes.Interface
+}
+
+// Plan validates skip and only against the known phases and returns the
+// phases to run for role, in order.
+func Plan(role render.Role, skip []string, only string) ([]Phase, error) {
+	all := Phases()
+	names := make([]string, 0, len(all))
+	for _, p := range all {
+		names = append(names, p.Name)
+	}
+	for _, s := range append(slices.Clone(skip), only) {
+		if s != "" && !slices.Contains(names, s) {
+			return nil, fmt.Errorf("unknown phase %q (phases: %s)", s, strings.Join(names, ", "))
+		}
+	}
+	var out []Phase
+	for _, p := range all {
+		if only != "" && p.Name != only {
+			continue
+		}
+		if slices.Contains(skip, p.Name) || !slices.Contains(p.Roles, role) {
+			continue
+		}
+		out = append(out, p)
+	}
+	if only != "" && len(out) == 0 {
+		return nil, fmt.Errorf("phase %s does not apply to a %s node", only, role)
+	}
+	return out, nil
+}
+
+// Apply verifies the bundle, then runs the planned phases under the host
+// lock, recording each finished phase in the journal.
+func Apply(ctx context.Context, o Options) error {
+	if o.Root == "" {
+		o.Root = "/"
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Timeout == 0 {
+		o.Timeout = 4 * time.Minute
+	}
+	m, digest, err := verifyBundle(o.Bundle, o.ManifestDigest)
+	if err != nil {
+		return err
+	}
+	plan, err := Plan(render.Role(m.Role), o.SkipPhases, o.Only)
+	if err != nil {
+		return err
+	}
+	r := &Run{Options: o, Manifest: m, Digest: digest}
+	if !o.DryRun {
+		unlock, err := lockHost(o.Root)
+		if err != nil {
+			return err
+		}
+		defer unlock()
+		if r.journal, err = loadJournal(o.Root); err != nil {
+			return err
+		}
+	} else {
+		r.journal = &Journal{}
+	}
+	for _, p := range plan {
+		r.logf("[%s] %s", p.Name, p.Short)
+		if err := p.Run(ctx, r); err != nil {
+			return fmt.Errorf("phase %s: %w", p.Name, err)
+		}
+		if !o.DryRun {
+			if err := r.journal.done(o.Root, m, digest, p.Name); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (r *Run) logf(format string, args ...any) {
+	if r.Out != nil {
+		fmt.Fprintf(r.Out, format+"\n", args...)
+	}
+}
+
+func (r *Run) path(hostPath string) string { return hostfs.Path(r.Root, hostPath) }
+
+// verifyBundle reads the whole bundle once; nothing touches the host unless
+// every byte matched.
+func verifyBundle(path, trusted string) (*bundle.Manifest, string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, "", fmt.Errorf("opening bundle: %w", err)
+	}
+	defer f.Close()
+	m, digest, err := bundle.Read(f, bundle.Visitor{})
+	if err != nil {
+		return nil, "", fmt.Errorf("verifying %s: %w", path, err)
+	}
+	if trusted != "" && trusted != digest {
+		return nil, "", fmt.Errorf("verifying %s: manifest digest %s is not the trusted %s", path, digest, trusted)
+	}
+	return m, digest, nil
+}
+
+// lockHost keeps two applies from interleaving on one host.
+func lockHost(root string) (func(), error) {
+	dir := hostfs.Path(root, render.AiradmStateDir)
+	if err := hostfs.MkdirAll(root, render.AiradmStateDir); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("locking %s: %w", dir, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("locking %s: another airadm apply or reset is running", dir)
+		}
+		return nil, fmt.Errorf("locking %s: %w", dir, err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// Journal is airadm's record on the host: which bundle was applied, which
+// phases finished, and which files apply wrote (for reset).
+type Journal struct {
+	Cluster        string   `json:"cluster"`
+	Node           string   `json:"node"`
+	ManifestDigest string   `json:"manifestDigest"`
+	Phases         []string `json:"phases"`
+	Files          []string `json:"files"`
+}
+
+const journalFile = render.AiradmStateDir + "/journal.json"
+
+func loadJournal(root string) (*Journal, error) {
+	var j Journal
+	b, err := os.ReadFile(hostfs.Path(root, journalFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return &j, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading journal: %w", err)
+	}
+	if err := json.Unmarshal(b, &j); err != nil {
+		return nil, fmt.Errorf("reading journal %s: %w", journalFile, err)
+	}
+	return &j, nil
+}
+
+// LoadJournal reads the journal under root, for reset and tests.
+func LoadJournal(root string) (*Journal, error) { return loadJournal(root) }
+
+func (j *Journal) save(root string) error {
+	b, err := json.MarshalIndent(j, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.Write(hostfs.Path(root, journalFile), append(b, '\n'), 0o600)
+}
+
+func (j *Journal) done(root string, m *bundle.Manifest, digest, phase string) error {
+	if j.ManifestDigest != digest {
+		// A new bundle starts a new record of phases, but keeps the files
+		// earlier applies wrote so that reset still finds them.
+		j.Phases = nil
+	}
+	j.Cluster, j.Node, j.ManifestDigest = m.Cluster, m.Node, digest
+	if !slices.Contains(j.Phases, phase) {
+		j.Phases = append(j.Phases, phase)
+	}
+	return j.save(root)
+}
+
+// Client is a clientset from a kubeconfig the bundle put on the host.
+func (r *Run) Client(kubeconfig string) (kubernetes.Interface, error) {
+	if r.client != nil {
+		return r.client, nil
+	}
+	b, err := os.ReadFile(r.path(kubeconfig))
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", kubeconfig, err)
+	}
+	cfg, err := clientcmd.RESTConfigFromKubeConfig(b)
+	if err != nil {
+		return nil, fmt.Errorf("loading %s: %w", kubeconfig, err)
+	}
+	cfg.Timeout = 15 * time.Second
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("loading %s: %w", kubeconfig, err)
+	}
+	r.client = cs
+	return cs, nil
+}

@@ -1,0 +1,211 @@
+package phases_test
+
+import (
+	"bytes"
+	"context"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/hostfs"
+	"airadm.dev/airadm/internal/clustertest"
+	"airadm.dev/airadm/phases"
+	"airadm.dev/airadm/render"
+)
+
+func TestPlan(t *testing.T) {
+	names := func(ps []phases.Phase) string {
+		var out []string
+		for _, p := range ps {
+			out = append(out, p.Name)
+		}
+		return strings.Join(out, ",")
+	}
+	cases := []struct {
+		role       render.Role
+		skip       []string
+		only, want string
+		err        string
+	}{
+		{render.ControlPlane, nil, "", "preflight,files,wait-control-plane,upload-config,mark-control-plane,bootstrap-token", ""},
+		{render.Worker, nil, "", "preflight,files,tls-bootstrap", ""},
+		{render.ControlPlane, []string{"preflight", "mark-control-plane"}, "", "files,wait-control-plane,upload-config,bootstrap-token", ""},
+		{render.Worker, nil, "tls-bootstrap", "tls-bootstrap", ""},
+		{render.ControlPlane, []string{"bogus"}, "", "", `unknown phase "bogus"`},
+		{render.Worker, nil, "upload-config", "", "phase upload-config does not apply to a worker node"},
+		{render.Worker, nil, "nope", "", `unknown phase "nope"`},
+	}
+	for _, c := range cases {
+		got, err := phases.Plan(c.role, c.skip, c.only)
+		if c.err != "" {
+			if err == nil || !strings.Contains(err.Error(), c.err) {
+				t.Errorf("Plan(%s, %v, %q) err = %v, want %q", c.role, c.skip, c.only, err, c.err)
+			}
+			continue
+		}
+		if err != nil || names(got) != c.want {
+			t.Errorf("Plan(%s, %v, %q) = %s, %v; want %s", c.role, c.skip, c.only, names(got), err, c.want)
+		}
+	}
+}
+
+const cfg = `
+name = "r"
+[pki]
+algorithm = "ECDSA-P256"
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "127.0.1.11"
+`
+
+func writeBundle(t *testing.T, c *clustertest.Cluster) (string, string, []byte) {
+	t.Helper()
+	files, err := render.NodeFiles(c.Cluster, c.Secrets, "cp1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	_, digest, err := bundle.Write(&buf, bundle.Contents{Cluster: "r", Node: "cp1", Role: "control-plane",
+		KubernetesVersion: render.KubernetesVersion, BuildTime: clustertest.Now, Files: files}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "cp1.bundle")
+	os.WriteFile(path, buf.Bytes(), 0o600)
+	return path, digest, buf.Bytes()
+}
+
+func opts(path, digest, root string) phases.Options {
+	return phases.Options{Bundle: path, ManifestDigest: digest, Root: root, Node: "cp1", Only: "files"}
+}
+
+func snapshot(t *testing.T, root string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		info, _ := d.Info()
+		b := []byte{}
+		if !d.IsDir() {
+			b, _ = os.ReadFile(p)
+		}
+		out[strings.TrimPrefix(p, root)] = info.Mode().String() + " " + string(b)
+		return nil
+	})
+	delete(out, render.AiradmStateDir+"/journal.json")
+	delete(out, render.AiradmStateDir+"/lock")
+	return out
+}
+
+func TestTamperedOrTruncatedBundleWritesNothing(t *testing.T) {
+	c := clustertest.New(t, cfg)
+	_, digest, data := writeBundle(t, c)
+	for name, bad := range map[string][]byte{
+		"flipped":   flip(data, bytes.Index(data, []byte("BEGIN CERTIFICATE"))),
+		"truncated": data[:len(data)/2],
+	} {
+		t.Run(name, func(t *testing.T) {
+			root := t.TempDir()
+			path := filepath.Join(t.TempDir(), "cp1.bundle")
+			os.WriteFile(path, bad, 0o600)
+			err := phases.Apply(context.Background(), opts(path, digest, root))
+			if err == nil || !strings.Contains(err.Error(), "verifying") {
+				t.Fatalf("err = %v", err)
+			}
+			if entries, _ := os.ReadDir(root); len(entries) != 0 {
+				t.Errorf("a bad bundle wrote %d entries under the root", len(entries))
+			}
+		})
+	}
+	t.Run("unauthenticated", func(t *testing.T) {
+		root := t.TempDir()
+		path, _, _ := writeBundle(t, c)
+		err := phases.Apply(context.Background(), opts(path, "sha256:"+strings.Repeat("0", 64), root))
+		if err == nil || !strings.Contains(err.Error(), "is not the trusted") {
+			t.Fatalf("err = %v", err)
+		}
+		if entries, _ := os.ReadDir(root); len(entries) != 0 {
+			t.Error("an unauthenticated bundle wrote files")
+		}
+	})
+}
+
+func flip(b []byte, i int) []byte {
+	b = bytes.Clone(b)
+	b[i] ^= 0xff
+	return b
+}
+
+// TestRerunAfterCrashConverges starts from what a kill -9 in the middle of
+// the files phase leaves (some files written, one temp file half written,
+// the rest missing) and checks that a re-run gives the clean run's tree.
+func TestRerunAfterCrashConverges(t *testing.T) {
+	c := clustertest.New(t, cfg)
+	path, digest, _ := writeBundle(t, c)
+	clean := t.TempDir()
+	if err := phases.Apply(context.Background(), opts(path, digest, clean)); err != nil {
+		t.Fatal(err)
+	}
+	want := snapshot(t, clean)
+
+	crashed := t.TempDir()
+	files, _ := render.NodeFiles(c.Cluster, c.Secrets, "cp1")
+	half := files[:len(files)/2]
+	if err := hostfs.WriteTree(crashed, half); err != nil {
+		t.Fatal(err)
+	}
+	next := files[len(files)/2]
+	dir := hostfs.Path(crashed, filepath.Dir(next.Path))
+	os.MkdirAll(dir, 0o755)
+	os.WriteFile(filepath.Join(dir, "."+filepath.Base(next.Path)+".tmp-123"), next.Data[:len(next.Data)/2], 0o600)
+	if err := phases.Apply(context.Background(), opts(path, digest, crashed)); err != nil {
+		t.Fatal(err)
+	}
+	got := snapshot(t, crashed)
+	for p, v := range want {
+		if got[p] != v {
+			t.Errorf("%s differs after the re-run", p)
+		}
+	}
+	for p := range got {
+		if _, ok := want[p]; !ok {
+			t.Errorf("%s is left over after the re-run", p)
+		}
+	}
+	j, err := phases.LoadJournal(crashed)
+	if err != nil || !slices.Contains(j.Phases, "files") || len(j.Files) == 0 {
+		t.Errorf("journal = %+v, %v", j, err)
+	}
+}
+
+func TestDryRunWritesNothingAndShowsNoSecret(t *testing.T) {
+	c := clustertest.New(t, cfg)
+	path, digest, _ := writeBundle(t, c)
+	root := t.TempDir()
+	var out bytes.Buffer
+	o := opts(path, digest, root)
+	o.Only, o.DryRun, o.Out = "", true, &out
+	o.IgnorePreflight = []string{"sandbox-image", "ports"}
+	if err := phases.Apply(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	if entries, _ := os.ReadDir(root); len(entries) != 0 {
+		t.Error("dry run wrote files")
+	}
+	s := out.String()
+	if !strings.Contains(s, "would write /etc/kubernetes/pki/ca.key (0600,") || strings.Contains(s, "PRIVATE KEY") {
+		t.Errorf("dry-run output:\n%s", s)
+	}
+	for _, phase := range []string{"[wait-control-plane]", "[upload-config]", "[mark-control-plane]", "[bootstrap-token]"} {
+		if !strings.Contains(s, phase) {
+			t.Errorf("dry run does not describe %s", phase)
+		}
+	}
+}
