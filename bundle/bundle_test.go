@@ -324,4 +324,3 @@ func TestCorruptCacheIsCaught(t *testing.T) {
 		t.Fatalf("writing from a corrupt cache: %v", err)
 	}
 }
-
