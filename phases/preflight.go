@@ -29,6 +29,7 @@ func Checks() []Check {
 		{"ports", checkPorts},
 		{"swap", checkSwap},
 		{"sandbox-image", checkSandboxImage},
+		{"containerd", checkContainerd},
 	}
 }
 
@@ -147,4 +148,16 @@ func checkSandboxImage(r *Run, _ map[string][]byte) ([]string, error) {
 		}
 	}
 	return nil, fmt.Errorf("the bundle carries no pause image, which containerd needs for every pod sandbox")
+}
+
+// checkContainerd: the images phase needs the runtime answering.
+func checkContainerd(r *Run, files map[string][]byte) ([]string, error) {
+	if !r.planned("images") || r.DryRun {
+		return nil, nil
+	}
+	c, err := r.containerd(context.Background(), files)
+	if err != nil {
+		return nil, err
+	}
+	return nil, c.Close()
 }

@@ -42,6 +42,7 @@ func Phases() []Phase {
 	return []Phase{
 		{"preflight", "check that the host and the bundle fit each other", bothRoles, runPreflight},
 		{"files", "write the bundle's verified files to their host paths", bothRoles, runFiles},
+		{"images", "import the bundle's images into containerd, named, pinned and unpacked", bothRoles, runImages},
 		{"wait-control-plane", "wait for the apiserver's /readyz and make admin.conf's group cluster-admin", controlPlane, runWaitControlPlane},
 		{"upload-config", "store the kubeadm-config and kubelet-config ConfigMaps", controlPlane, runUploadConfig},
 		{"mark-control-plane", "label and taint this node as a control plane", controlPlane, runMarkControlPlane},
@@ -62,7 +63,11 @@ type Options struct {
 	Node            string // overrides the host-name match in preflight
 	IgnorePreflight []string
 	Out             io.Writer // one line per action; never a secret
-	Now             func() time.Time
+	// Progress, if set, receives a changing status line for long steps.
+	Progress func(string)
+	// CRISocket overrides the bundle's containerRuntimeEndpoint.
+	CRISocket string
+	Now       func() time.Time
 	// Timeout bounds each wait on the cluster.
 	Timeout time.Duration
 }
@@ -74,6 +79,12 @@ type Run struct {
 	Digest   string
 	journal  *Journal
 	client   kubernetes.Interface
+	plan     []Phase
+}
+
+// planned reports whether this run includes phase name.
+func (r *Run) planned(name string) bool {
+	return slices.ContainsFunc(r.plan, func(p Phase) bool { return p.Name == name })
 }
 
 // Plan validates skip and only against the known phases and returns the
@@ -125,7 +136,7 @@ func Apply(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
-	r := &Run{Options: o, Manifest: m, Digest: digest}
+	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan}
 	if !o.DryRun {
 		unlock, err := lockHost(o.Root)
 		if err != nil {

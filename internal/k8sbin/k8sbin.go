@@ -25,7 +25,12 @@ import (
 
 // EtcdVersion is the etcd release built for the tests. kubeadm asks for
 // image tag 3.7.0-0; v3.7.3 is that line's current patch release.
-const EtcdVersion = "v3.7.3"
+// ContainerdVersion is the runtime the image tests import into (module
+// versions in hack/k8sbin/containerd/go.mod).
+const (
+	EtcdVersion       = "v3.7.3"
+	ContainerdVersion = "v2.4.2"
+)
 
 // Binary is one program to build: its module directory under hack/k8sbin
 // and its package path.
@@ -43,6 +48,12 @@ func Binaries() []Binary {
 		k("kubelet"), k("kube-proxy"), k("kubeadm"), k("kubectl"),
 		{"etcd", "etcd", "go.etcd.io/etcd/server/v3"},
 		{"etcdctl", "etcd", "go.etcd.io/etcd/etcdctl/v3"},
+		{"containerd", "containerd", "github.com/containerd/containerd/v2/cmd/containerd"},
+		{"containerd-shim-runc-v2", "containerd", "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"},
+		{"ctr", "containerd", "github.com/containerd/containerd/v2/cmd/ctr"},
+		{"bridge", "containerd", "github.com/containernetworking/plugins/plugins/main/bridge"},
+		{"host-local", "containerd", "github.com/containernetworking/plugins/plugins/ipam/host-local"},
+		{"loopback", "containerd", "github.com/containernetworking/plugins/plugins/main/loopback"},
 	}
 }
 
@@ -57,7 +68,7 @@ func Dir() (string, error) {
 		}
 		base = filepath.Join(c, "airadm")
 	}
-	return filepath.Join(base, "k8sbin", render.KubernetesVersion+"-etcd"+EtcdVersion), nil
+	return filepath.Join(base, "k8sbin", render.KubernetesVersion+"-etcd"+EtcdVersion+"-containerd"+ContainerdVersion), nil
 }
 
 // BuildHint tells a person how to get the binaries.
@@ -156,7 +167,7 @@ func build(ctx context.Context, moduleDir, dir string, bins []Binary, sums map[s
 		return fmt.Errorf("building %s in %s: %w", strings.Join(names, ", "), moduleDir, err)
 	}
 	for _, b := range bins {
-		built := filepath.Join(tmp, filepath.Base(b.Package))
+		built := filepath.Join(tmp, b.Name)
 		if b.Module == "etcd" {
 			// go build names a binary after the last path element that is
 			// not a major-version suffix: server/v3 -> server.

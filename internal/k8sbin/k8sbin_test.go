@@ -39,6 +39,9 @@ func TestPinnedVersionsAgree(t *testing.T) {
 			t.Errorf("go.mod: %s %s, want %s", m[1], m[2], staging)
 		}
 	}
+	if !strings.Contains(read("hack/k8sbin/containerd/go.mod"), "github.com/containerd/containerd/v2 "+ContainerdVersion) {
+		t.Errorf("hack/k8sbin/containerd/go.mod is not at containerd %s", ContainerdVersion)
+	}
 	if !strings.Contains(read("hack/k8sbin/etcd/go.mod"), "go.etcd.io/etcd/server/v3 "+EtcdVersion) {
 		t.Errorf("hack/k8sbin/etcd/go.mod is not at etcd %s", EtcdVersion)
 	}

@@ -1,0 +1,218 @@
+package phases
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	kubeletv1beta1 "k8s.io/kubelet/config/v1beta1"
+	"sigs.k8s.io/yaml"
+
+	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/render"
+)
+
+// Where CRI keeps Kubernetes' images, and the label that keeps kubelet's
+// image garbage collection away from them (as k0s and kind do).
+const (
+	criNamespace = "k8s.io"
+	pinnedLabel  = "io.cri-containerd.pinned"
+	snapshotter  = "overlayfs"
+)
+
+// criSocket is the runtime endpoint: the flag, or the bundle's kubelet config.
+func (r *Run) criSocket(files map[string][]byte) (string, error) {
+	endpoint := r.CRISocket
+	if endpoint == "" {
+		var kc kubeletv1beta1.KubeletConfiguration
+		if err := yaml.Unmarshal(files[render.KubeletConfigFile], &kc); err != nil {
+			return "", fmt.Errorf("reading the runtime endpoint from %s: %w", render.KubeletConfigFile, err)
+		}
+		endpoint = kc.ContainerRuntimeEndpoint
+	}
+	path, ok := strings.CutPrefix(endpoint, "unix://")
+	if !ok {
+		return "", fmt.Errorf("runtime endpoint %q is not a unix:// socket", endpoint)
+	}
+	return path, nil
+}
+
+func (r *Run) containerd(ctx context.Context, files map[string][]byte) (*containerd.Client, error) {
+	sock, err := r.criSocket(files)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(sock); err != nil {
+		return nil, fmt.Errorf("containerd is not running: %w", err)
+	}
+	c, err := containerd.New(sock, containerd.WithDefaultNamespace(criNamespace), containerd.WithTimeout(10*time.Second))
+	if err != nil {
+		return nil, fmt.Errorf("connecting to containerd at %s: %w", sock, err)
+	}
+	if _, err := c.Version(ctx); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("asking containerd at %s for its version: %w", sock, err)
+	}
+	return c, nil
+}
+
+// runImages imports the bundle's images into containerd's k8s.io
+// namespace: blobs stream from the bundle straight into the content store
+// (those already there are skipped by digest), and only when the whole
+// bundle has verified are the image names created, pinned and unpacked.
+func runImages(ctx context.Context, r *Run) error {
+	files, err := r.readFiles()
+	if err != nil {
+		return err
+	}
+	if r.DryRun {
+		var total int64
+		for _, im := range r.Manifest.Images {
+			total += im.TotalSize
+		}
+		r.logf("  would import %d images (%.1f MB) into containerd's %s namespace", len(r.Manifest.Images), float64(total)/1e6, criNamespace)
+		return nil
+	}
+	c, err := r.containerd(ctx, files)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	// A lease keeps content from garbage collection until the images that
+	// reference it exist.
+	ctx, done, err := c.WithLease(ctx)
+	if err != nil {
+		return fmt.Errorf("taking a containerd lease: %w", err)
+	}
+	defer done(context.WithoutCancel(ctx))
+
+	cs := c.ContentStore()
+	var imported, present int
+	var bytes int64
+	f, err := os.Open(r.Bundle)
+	if err != nil {
+		return fmt.Errorf("opening bundle: %w", err)
+	}
+	defer f.Close()
+	_, digestNow, err := bundle.Read(f, bundle.Visitor{Blob: func(b bundle.BlobEntry, rd io.Reader) error {
+		d := digest.Digest(b.Digest)
+		if info, err := cs.Info(ctx, d); err == nil && info.Size == b.Size {
+			present++
+			return nil
+		}
+		w, err := content.OpenWriter(ctx, cs, content.WithRef("airadm-"+d.Encoded()),
+			content.WithDescriptor(ocispec.Descriptor{Digest: d, Size: b.Size}))
+		if errdefs.IsAlreadyExists(err) {
+			present++
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("opening containerd ingest for %s: %w", d, err)
+		}
+		defer w.Close()
+		// Truncate resumes nothing: an ingest left by a killed run restarts.
+		if err := w.Truncate(0); err != nil {
+			return err
+		}
+		if _, err := io.Copy(w, rd); err != nil {
+			return err
+		}
+		// containerd checks size and digest again at commit.
+		if err := w.Commit(ctx, b.Size, d); err != nil && !errdefs.IsAlreadyExists(err) {
+			return fmt.Errorf("committing %s to containerd: %w", d, err)
+		}
+		imported++
+		bytes += b.Size
+		if r.Progress != nil {
+			r.Progress(fmt.Sprintf("importing images: %d blobs, %.1f MB", imported, float64(bytes)/1e6))
+		}
+		return nil
+	}})
+	if err != nil {
+		return fmt.Errorf("verifying %s: %w", r.Bundle, err)
+	}
+	if digestNow != r.Digest {
+		return fmt.Errorf("verifying %s: it changed since it was first verified", r.Bundle)
+	}
+	for _, im := range r.Manifest.Images {
+		if err := r.createImage(ctx, c, im); err != nil {
+			return err
+		}
+	}
+	r.logf("  imported %d blobs (%.1f MB), %d already present; %d images named, pinned and unpacked", imported, float64(bytes)/1e6, present, len(r.Manifest.Images))
+	return nil
+}
+
+// createImage names one image (and its digest references), labels its
+// manifest so containerd's garbage collector keeps config and layers, checks
+// every blob is complete, and unpacks it for CRI.
+func (r *Run) createImage(ctx context.Context, c *containerd.Client, im bundle.ImageEntry) error {
+	cs := c.ContentStore()
+	target := ocispec.Descriptor{MediaType: im.MediaType, Digest: digest.Digest(im.Digest), Size: im.Size}
+	raw, err := content.ReadBlob(ctx, cs, target)
+	if err != nil {
+		return fmt.Errorf("image %s: reading its manifest from containerd: %w", im.Ref, err)
+	}
+	var m ocispec.Manifest
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return fmt.Errorf("image %s: %w", im.Ref, err)
+	}
+	labels := map[string]string{"containerd.io/gc.ref.content.config": m.Config.Digest.String()}
+	var fields []string
+	for i, l := range append([]ocispec.Descriptor{m.Config}, m.Layers...) {
+		info, err := cs.Info(ctx, l.Digest)
+		if err != nil || info.Size != l.Size {
+			return fmt.Errorf("image %s: blob %s is incomplete in containerd (%v)", im.Ref, l.Digest, err)
+		}
+		if i > 0 {
+			labels[fmt.Sprintf("containerd.io/gc.ref.content.l.%d", i-1)] = l.Digest.String()
+		}
+	}
+	info := content.Info{Digest: target.Digest, Labels: labels}
+	for k := range labels {
+		fields = append(fields, "labels."+k)
+	}
+	if _, err := cs.Update(ctx, info, fields...); err != nil {
+		return fmt.Errorf("image %s: labelling its manifest: %w", im.Ref, err)
+	}
+
+	names := []string{im.Ref, digestRef(im.Ref, im.Digest)}
+	if im.IndexDigest != "" {
+		names = append(names, digestRef(im.Ref, im.IndexDigest))
+	}
+	is := c.ImageService()
+	for _, name := range names {
+		img := images.Image{Name: name, Target: target, Labels: map[string]string{pinnedLabel: "pinned"}}
+		if _, err := is.Create(ctx, img); err != nil {
+			if !errdefs.IsAlreadyExists(err) {
+				return fmt.Errorf("naming image %s: %w", name, err)
+			}
+			if _, err := is.Update(ctx, img, "target", "labels."+pinnedLabel); err != nil {
+				return fmt.Errorf("naming image %s: %w", name, err)
+			}
+		}
+	}
+	if err := containerd.NewImage(c, images.Image{Name: im.Ref, Target: target}).Unpack(ctx, snapshotter); err != nil {
+		return fmt.Errorf("unpacking %s: %w", im.Ref, err)
+	}
+	return nil
+}
+
+// digestRef is repo@digest for a tagged reference.
+func digestRef(ref, d string) string {
+	repo := ref
+	if i := strings.LastIndex(ref, ":"); i > strings.LastIndex(ref, "/") {
+		repo = ref[:i]
+	}
+	return repo + "@" + d
+}

@@ -1,0 +1,145 @@
+package phases_test
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/platforms"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/internal/clustertest"
+	"airadm.dev/airadm/internal/containerdtest"
+	"airadm.dev/airadm/phases"
+	"airadm.dev/airadm/render"
+)
+
+// quickstartWorkerBundle builds w1's bundle with the quickstart's stand-in
+// images (real layers, unpackable), taken from the committed OCI layout.
+func quickstartWorkerBundle(t *testing.T) (string, string, *render.Cluster) {
+	t.Helper()
+	cfg, err := os.ReadFile("../testdata/quickstart/cluster.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := clustertest.New(t, strings.Replace(string(cfg), `layout = "images"`, `layout = "`+mustAbs(t, "../testdata/quickstart/images")+`"`, 1))
+	cache, err := bundle.OpenCache(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, _ := c.Node("w1")
+	p := &bundle.Puller{Source: bundle.Layout{Path: c.ImageLayout}, Cache: cache, Platform: v1.Platform{OS: "linux", Architecture: "amd64"}}
+	images, err := p.Pull(context.Background(), c.NodeImages(n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, err := render.NodeFiles(c.Cluster, c.Secrets, "w1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	_, d, err := bundle.Write(&buf, bundle.Contents{Cluster: c.Name, Node: "w1", Role: "worker",
+		KubernetesVersion: c.KubernetesVersion, BuildTime: clustertest.Now, Files: files, Images: images}, cache)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "w1.bundle")
+	os.WriteFile(path, buf.Bytes(), 0o600)
+	return path, d, c.Cluster
+}
+
+func mustAbs(t *testing.T, p string) string {
+	a, err := filepath.Abs(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// TestImagesIntoRealContainerd imports a bundle's images into a real
+// containerd and checks they land complete, named (tag and digest refs),
+// pinned and unpacked; a re-run imports nothing, and a damaged store
+// converges.
+func TestImagesIntoRealContainerd(t *testing.T) {
+	ctd := containerdtest.Start(t)
+	path, digestOK, c := quickstartWorkerBundle(t)
+	var out bytes.Buffer
+	o := phases.Options{Bundle: path, ManifestDigest: digestOK, Root: t.TempDir(), Node: "w1", Only: "images", CRISocket: ctd.Endpoint(), Out: &out}
+	ctx := context.Background()
+	if err := phases.Apply(ctx, o); err != nil {
+		t.Fatalf("%v\n%s", err, out.String())
+	}
+	if !strings.Contains(out.String(), "3 images named, pinned and unpacked") {
+		t.Errorf("output:\n%s", out.String())
+	}
+
+	client, err := containerd.New(ctd.Socket, containerd.WithDefaultNamespace("k8s.io"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	check := func() {
+		t.Helper()
+		n, _ := c.Node("w1")
+		for _, ref := range c.NodeImages(n) {
+			img, err := client.GetImage(ctx, ref)
+			if err != nil {
+				t.Errorf("%s not in containerd: %v", ref, err)
+				continue
+			}
+			if img.Labels()["io.cri-containerd.pinned"] != "pinned" {
+				t.Errorf("%s not pinned: %v", ref, img.Labels())
+			}
+			ok, err := img.IsUnpacked(ctx, "overlayfs")
+			if err != nil || !ok {
+				t.Errorf("%s not unpacked: %v", ref, err)
+			}
+			repo := ref[:strings.LastIndex(ref, ":")]
+			if _, err := client.GetImage(ctx, repo+"@"+img.Target().Digest.String()); err != nil {
+				t.Errorf("%s: no digest reference: %v", ref, err)
+			}
+			layers, err := img.RootFS(ctx)
+			if err != nil || len(layers) != 1 {
+				t.Errorf("%s: rootfs %v %v", ref, layers, err)
+			}
+		}
+	}
+	check()
+
+	out.Reset()
+	if err := phases.Apply(ctx, o); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "imported 0 blobs (0.0 MB), 9 already present") {
+		t.Errorf("re-run output:\n%s", out.String())
+	}
+
+	// Damage: an image name and a layer gone, as if a run died half way.
+	n, _ := c.Node("w1")
+	ref := c.NodeImages(n)[0]
+	img, _ := client.GetImage(ctx, ref)
+	manifest, err := images.Manifest(ctx, client.ContentStore(), img.Target(), platforms.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := client.ImageService().Delete(ctx, ref); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.ContentStore().Delete(ctx, manifest.Layers[0].Digest); err != nil {
+		t.Fatal(err)
+	}
+	out.Reset()
+	if err := phases.Apply(ctx, o); err != nil {
+		t.Fatalf("%v\n%s", err, out.String())
+	}
+	if !strings.Contains(out.String(), "imported 1 blobs") {
+		t.Errorf("repair output:\n%s", out.String())
+	}
+	check()
+}
