@@ -40,3 +40,14 @@ func (p *progress) done() {
 		p.drew = false
 	}
 }
+
+// line shows a changing status line on a terminal.
+func (p *progress) line(s string) {
+	if !p.env.IsTerminal {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	fmt.Fprintf(p.env.Stderr, "\r%s ", s)
+	p.drew = true
+}

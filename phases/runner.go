@@ -43,6 +43,7 @@ func Phases() []Phase {
 		{"preflight", "check that the host and the bundle fit each other", bothRoles, runPreflight},
 		{"files", "write the bundle's verified files to their host paths", bothRoles, runFiles},
 		{"images", "import the bundle's images into containerd, named, pinned and unpacked", bothRoles, runImages},
+		{"kubelet", "start kubelet with the bundle's unit, config and flags", bothRoles, runKubelet},
 		{"wait-control-plane", "wait for the apiserver's /readyz and make admin.conf's group cluster-admin", controlPlane, runWaitControlPlane},
 		{"upload-config", "store the kubeadm-config and kubelet-config ConfigMaps", controlPlane, runUploadConfig},
 		{"mark-control-plane", "label and taint this node as a control plane", controlPlane, runMarkControlPlane},
@@ -67,7 +68,10 @@ type Options struct {
 	Progress func(string)
 	// CRISocket overrides the bundle's containerRuntimeEndpoint.
 	CRISocket string
-	Now       func() time.Time
+	// Kubelet is KubeletSystemd or KubeletExec; empty picks systemd where
+	// it is running. KubeletBinary is used in exec mode.
+	Kubelet, KubeletBinary string
+	Now                    func() time.Time
 	// Timeout bounds each wait on the cluster.
 	Timeout time.Duration
 }

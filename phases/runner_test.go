@@ -13,6 +13,7 @@ import (
 	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/internal/clustertest"
+	"airadm.dev/airadm/internal/k8sbin"
 	"airadm.dev/airadm/phases"
 	"airadm.dev/airadm/render"
 )
@@ -31,9 +32,9 @@ func TestPlan(t *testing.T) {
 		only, want string
 		err        string
 	}{
-		{render.ControlPlane, nil, "", "preflight,files,wait-control-plane,upload-config,mark-control-plane,bootstrap-token", ""},
-		{render.Worker, nil, "", "preflight,files,tls-bootstrap", ""},
-		{render.ControlPlane, []string{"preflight", "mark-control-plane"}, "", "files,wait-control-plane,upload-config,bootstrap-token", ""},
+		{render.ControlPlane, nil, "", "preflight,files,images,kubelet,wait-control-plane,upload-config,mark-control-plane,bootstrap-token", ""},
+		{render.Worker, nil, "", "preflight,files,images,kubelet,tls-bootstrap", ""},
+		{render.ControlPlane, []string{"preflight", "mark-control-plane", "images", "kubelet"}, "", "files,wait-control-plane,upload-config,bootstrap-token", ""},
 		{render.Worker, nil, "tls-bootstrap", "tls-bootstrap", ""},
 		{render.ControlPlane, []string{"bogus"}, "", "", `unknown phase "bogus"`},
 		{render.Worker, nil, "upload-config", "", "phase upload-config does not apply to a worker node"},
@@ -193,6 +194,7 @@ func TestDryRunWritesNothingAndShowsNoSecret(t *testing.T) {
 	o := opts(path, digest, root)
 	o.Only, o.DryRun, o.Out = "", true, &out
 	o.IgnorePreflight = []string{"sandbox-image", "ports"}
+	o.SkipPhases = []string{"images"} // no runtime in this test; TestImagesIntoRealContainerd covers it
 	if err := phases.Apply(context.Background(), o); err != nil {
 		t.Fatal(err)
 	}
@@ -203,9 +205,49 @@ func TestDryRunWritesNothingAndShowsNoSecret(t *testing.T) {
 	if !strings.Contains(s, "would write /etc/kubernetes/pki/ca.key (0600,") || strings.Contains(s, "PRIVATE KEY") {
 		t.Errorf("dry-run output:\n%s", s)
 	}
-	for _, phase := range []string{"[wait-control-plane]", "[upload-config]", "[mark-control-plane]", "[bootstrap-token]"} {
+	for _, phase := range []string{"[kubelet]", "[wait-control-plane]", "[upload-config]", "[mark-control-plane]", "[bootstrap-token]"} {
 		if !strings.Contains(s, phase) {
 			t.Errorf("dry run does not describe %s", phase)
 		}
+	}
+}
+
+// TestKubeletExecReportsAnEarlyExit starts the real kubelet from a worker's
+// files under a temp root. Its config points at /etc/kubernetes, which this
+// host lacks, and (on these cgroup v1 machines) refuses the host, so it
+// stops at once, and the phase must say so with the end of its log.
+func TestKubeletExecReportsAnEarlyExit(t *testing.T) {
+	c := clustertest.New(t, cfg+`
+[[nodes]]
+name = "w1"
+role = "worker"
+address = "127.0.1.21"
+`)
+	kubelet, err := k8sbin.Path("kubelet")
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, _ := render.NodeFiles(c.Cluster, c.Secrets, "w1")
+	var buf bytes.Buffer
+	_, digest, err := bundle.Write(&buf, bundle.Contents{Cluster: "r", Node: "w1", Role: "worker",
+		KubernetesVersion: render.KubernetesVersion, BuildTime: clustertest.Now, Files: files}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "w1.bundle")
+	os.WriteFile(path, buf.Bytes(), 0o600)
+	root := t.TempDir()
+	o := phases.Options{Bundle: path, ManifestDigest: digest, Root: root, Node: "w1", Kubelet: phases.KubeletExec, KubeletBinary: kubelet}
+	o.Only = "files"
+	if err := phases.Apply(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	o.Only = "kubelet"
+	err = phases.Apply(context.Background(), o)
+	if err == nil || !strings.Contains(err.Error(), "kubelet exited at once") || !strings.Contains(err.Error(), `"command failed"`) {
+		t.Fatalf("err = %v", err)
+	}
+	if _, err := os.Stat(hostfs.Path(root, "/var/log/airadm-kubelet.log")); err != nil {
+		t.Errorf("no kubelet log: %v", err)
 	}
 }

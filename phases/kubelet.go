@@ -1,0 +1,161 @@
+package phases
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"airadm.dev/airadm/hostfs"
+	"airadm.dev/airadm/render"
+)
+
+// How kubelet is started: through systemd where it is PID 1, or as a
+// detached process on hosts (and in tests) without it.
+const (
+	KubeletSystemd = "systemd"
+	KubeletExec    = "exec"
+)
+
+const (
+	kubeletPIDFile = render.AiradmStateDir + "/kubelet.pid"
+	kubeletLogFile = "/var/log/airadm-kubelet.log"
+)
+
+func (r *Run) kubeletMode() string {
+	if r.Kubelet != "" {
+		return r.Kubelet
+	}
+	if r.Root == "/" {
+		if _, err := os.Stat("/run/systemd/system"); err == nil {
+			return KubeletSystemd
+		}
+	}
+	return KubeletExec
+}
+
+func runKubelet(ctx context.Context, r *Run) error {
+	mode := r.kubeletMode()
+	if r.DryRun {
+		r.logf("  would start kubelet (%s)", mode)
+		return nil
+	}
+	if mode == KubeletSystemd {
+		for _, args := range [][]string{{"daemon-reload"}, {"enable", "kubelet"}, {"restart", "kubelet"}} {
+			if out, err := exec.CommandContext(ctx, "systemctl", args...).CombinedOutput(); err != nil {
+				return fmt.Errorf("systemctl %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+			}
+		}
+		r.logf("  kubelet enabled and started by systemd")
+		return nil
+	}
+	if pid, ok := r.runningKubelet(); ok {
+		r.logf("  kubelet already running (pid %d)", pid)
+		return nil
+	}
+	files, err := r.readFiles()
+	if err != nil {
+		return err
+	}
+	args, err := kubeletArgs(files[render.KubeletFlagsFile], r.Root)
+	if err != nil {
+		return err
+	}
+	bin := r.KubeletBinary
+	if bin == "" {
+		bin = render.KubeletBinary
+	}
+	if err := hostfs.MkdirAll(r.Root, filepath.Dir(kubeletLogFile)); err != nil {
+		return err
+	}
+	logPath := r.path(kubeletLogFile)
+	log, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("opening kubelet log: %w", err)
+	}
+	defer log.Close()
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = log, log
+	// A session of its own: kubelet outlives airadm, as under systemd.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting %s: %w", bin, err)
+	}
+	pid := cmd.Process.Pid
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	if err := writePID(r.path(kubeletPIDFile), pid); err != nil {
+		return err
+	}
+	// A kubelet that dies at once has a bad config or binary: say so now,
+	// rather than leave wait-control-plane to time out.
+	select {
+	case err := <-exited:
+		b, _ := os.ReadFile(logPath)
+		return fmt.Errorf("kubelet exited at once (%v); the end of %s:\n%s", err, kubeletLogFile, lastLines(string(b), 15))
+	case <-time.After(2 * time.Second):
+	}
+	r.logf("  kubelet started (pid %d), logging to %s", pid, kubeletLogFile)
+	return nil
+}
+
+// kubeletArgs is the command line the kubeadm drop-in gives kubelet:
+// kubeconfigs, config file and the flags from kubeadm-flags.env. Under a
+// --root other than /, the three files are found under it (the paths
+// inside config.yaml stay absolute, as on the host being prepared).
+func kubeletArgs(flagsEnv []byte, root string) ([]string, error) {
+	args := []string{
+		"--bootstrap-kubeconfig=" + hostfs.Path(root, render.BootstrapKubeconfig),
+		"--kubeconfig=" + hostfs.Path(root, render.KubeletKubeconfig),
+		"--config=" + hostfs.Path(root, render.KubeletConfigFile),
+	}
+	line := strings.TrimSpace(string(flagsEnv))
+	value, ok := strings.CutPrefix(line, "KUBELET_KUBEADM_ARGS=")
+	if !ok {
+		return nil, fmt.Errorf("%s does not set KUBELET_KUBEADM_ARGS", render.KubeletFlagsFile)
+	}
+	unq, err := strconv.Unquote(value)
+	if err != nil {
+		return nil, fmt.Errorf("reading %s: %w", render.KubeletFlagsFile, err)
+	}
+	return append(args, strings.Fields(unq)...), nil
+}
+
+func writePID(path string, pid int) error {
+	return os.WriteFile(path, []byte(strconv.Itoa(pid)+"\n"), 0o600)
+}
+
+// runningKubelet reads the PID file and checks that process is a live
+// kubelet (PIDs are reused).
+func (r *Run) runningKubelet() (int, bool) {
+	b, err := os.ReadFile(r.path(kubeletPIDFile))
+	if err != nil {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(filepath.Base(strings.SplitN(string(cmdline), "\x00", 2)[0]), "kubelet") {
+		return 0, false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err == nil && strings.Contains(string(stat), ") Z ") {
+		return 0, false // a zombie the slow PID 1 has not reaped yet
+	}
+	return pid, true
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
