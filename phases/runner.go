@@ -48,6 +48,7 @@ func Phases() []Phase {
 		{"upload-config", "store the kubeadm-config and kubelet-config ConfigMaps", controlPlane, runUploadConfig},
 		{"mark-control-plane", "label and taint this node as a control plane", controlPlane, runMarkControlPlane},
 		{"bootstrap-token", "publish cluster-info, node bootstrap RBAC and each worker's token", controlPlane, runBootstrapToken},
+		{"addons", "apply CoreDNS, kube-proxy and the config's extra manifests", controlPlane, runAddons},
 		{"tls-bootstrap", "wait for the kubelet's issued client certificate and its Node, then drop the bootstrap credential", workerOnly, runTLSBootstrap},
 	}
 }

@@ -32,9 +32,9 @@ func TestPlan(t *testing.T) {
 		only, want string
 		err        string
 	}{
-		{render.ControlPlane, nil, "", "preflight,files,images,kubelet,wait-control-plane,upload-config,mark-control-plane,bootstrap-token", ""},
+		{render.ControlPlane, nil, "", "preflight,files,images,kubelet,wait-control-plane,upload-config,mark-control-plane,bootstrap-token,addons", ""},
 		{render.Worker, nil, "", "preflight,files,images,kubelet,tls-bootstrap", ""},
-		{render.ControlPlane, []string{"preflight", "mark-control-plane", "images", "kubelet"}, "", "files,wait-control-plane,upload-config,bootstrap-token", ""},
+		{render.ControlPlane, []string{"preflight", "mark-control-plane", "images", "kubelet"}, "", "files,wait-control-plane,upload-config,bootstrap-token,addons", ""},
 		{render.Worker, nil, "tls-bootstrap", "tls-bootstrap", ""},
 		{render.ControlPlane, []string{"bogus"}, "", "", `unknown phase "bogus"`},
 		{render.Worker, nil, "upload-config", "", "phase upload-config does not apply to a worker node"},
@@ -205,7 +205,7 @@ func TestDryRunWritesNothingAndShowsNoSecret(t *testing.T) {
 	if !strings.Contains(s, "would write /etc/kubernetes/pki/ca.key (0600,") || strings.Contains(s, "PRIVATE KEY") {
 		t.Errorf("dry-run output:\n%s", s)
 	}
-	for _, phase := range []string{"[kubelet]", "[wait-control-plane]", "[upload-config]", "[mark-control-plane]", "[bootstrap-token]"} {
+	for _, phase := range []string{"[kubelet]", "[wait-control-plane]", "[upload-config]", "[mark-control-plane]", "[bootstrap-token]", "[addons]"} {
 		if !strings.Contains(s, phase) {
 			t.Errorf("dry run does not describe %s", phase)
 		}

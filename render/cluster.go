@@ -48,6 +48,9 @@ type Cluster struct {
 	CgroupDriver string
 	CRISocket    string
 	Nodes        []Node
+	// AddonManifests are the extra manifests, read by Load.
+	AddonManifests []Manifest
+	addonPaths     []string
 }
 
 // Node is one host of the cluster.
@@ -137,6 +140,7 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 		ExtraSANs:         cfg.PKI.ExtraSANs,
 		CgroupDriver:      orDefault(cfg.Kubelet.CgroupDriver, DefaultCgroupDriver),
 		CRISocket:         orDefault(cfg.Kubelet.CRISocket, DefaultCRISocket),
+		addonPaths:        cfg.Addons.Manifests,
 	}
 
 	if len(validation.IsDNS1123Subdomain(c.Name)) > 0 {

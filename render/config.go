@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/BurntSushi/toml"
+	"sigs.k8s.io/yaml"
 )
 
 // Config is cluster.toml exactly as written; Validate turns it into a Cluster.
@@ -22,6 +23,7 @@ type Config struct {
 	Images               ImagesConfig  `toml:"images"`
 	Join                 JoinConfig    `toml:"join"`
 	Kubelet              KubeletConfig `toml:"kubelet"`
+	Addons               AddonsConfig  `toml:"addons"`
 	Nodes                []NodeConfig  `toml:"nodes"`
 }
 
@@ -54,6 +56,12 @@ type JoinConfig struct {
 type KubeletConfig struct {
 	CgroupDriver string `toml:"cgroup_driver"`
 	CRISocket    string `toml:"cri_socket"`
+}
+
+// AddonsConfig names extra manifests (a CNI, say) that control planes
+// apply after CoreDNS and kube-proxy; paths are relative to the config.
+type AddonsConfig struct {
+	Manifests []string `toml:"manifests"`
 }
 
 type NodeConfig struct {
@@ -97,13 +105,90 @@ func (e *ConfigError) Lines() []string {
 	return out
 }
 
-// Load reads, strictly decodes and validates a cluster.toml.
+// Load reads, strictly decodes and validates a cluster.toml, and reads the
+// addon manifests it names.
 func Load(path string) (*Cluster, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("reading config: %w", err)
 	}
-	return Parse(path, data)
+	c, err := Parse(path, data)
+	if err != nil {
+		return nil, err
+	}
+	lines := keyLines(string(data))
+	var problems []Problem
+	for i, m := range c.addonPaths {
+		field := fmt.Sprintf("addons.manifests[%d]", i)
+		p := m
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(filepath.Dir(path), p)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			problems = append(problems, Problem{Line: lineOf(lines, field), Field: field, Msg: err.Error()})
+			continue
+		}
+		if err := checkManifests(b); err != nil {
+			problems = append(problems, Problem{Line: lineOf(lines, field), Field: field, Msg: fmt.Sprintf("%s: %v", m, err)})
+			continue
+		}
+		c.AddonManifests = append(c.AddonManifests, Manifest{Name: fmt.Sprintf("%02d-%s", i, filepath.Base(m)), Data: b})
+	}
+	if len(problems) > 0 {
+		return nil, &ConfigError{File: path, Problems: problems}
+	}
+	return c, nil
+}
+
+// Manifest is one extra addon file.
+type Manifest struct {
+	Name string
+	Data []byte
+}
+
+// checkManifests requires every YAML document to name an object.
+func checkManifests(b []byte) error {
+	for i, doc := range SplitYAML(b) {
+		var obj struct {
+			APIVersion string `json:"apiVersion"`
+			Kind       string `json:"kind"`
+			Metadata   struct {
+				Name string `json:"name"`
+			} `json:"metadata"`
+		}
+		if err := yaml.Unmarshal(doc, &obj); err != nil {
+			return fmt.Errorf("document %d: %w", i+1, err)
+		}
+		if obj.APIVersion == "" || obj.Kind == "" || obj.Metadata.Name == "" {
+			return fmt.Errorf("document %d lacks apiVersion, kind or metadata.name", i+1)
+		}
+	}
+	return nil
+}
+
+// SplitYAML splits a multi-document YAML file, dropping empty documents.
+func SplitYAML(b []byte) [][]byte {
+	var docs [][]byte
+	for _, d := range strings.Split("\n"+string(b), "\n---") {
+		if i := strings.IndexByte(d, '\n'); i >= 0 {
+			d = d[i+1:] // the rest of the separator line
+		}
+		if strings.TrimSpace(stripComments(d)) != "" {
+			docs = append(docs, []byte(d))
+		}
+	}
+	return docs
+}
+
+func stripComments(s string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if !strings.HasPrefix(strings.TrimSpace(l), "#") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
 
 // Parse decodes and validates config bytes; name is used in messages only.

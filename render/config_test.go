@@ -112,3 +112,44 @@ func TestImagesMatchKubeadmList(t *testing.T) {
 		t.Errorf("coredns on a mirror = %q; kubeadm drops the coredns/ sub-path off registry.k8s.io", got)
 	}
 }
+
+func TestAddonManifests(t *testing.T) {
+	dir := t.TempDir()
+	cfg := `
+[addons]
+manifests = ["cni.yaml", "missing.yaml", "bad.yaml"]
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "10.0.0.11"
+`
+	os.WriteFile(filepath.Join(dir, "cluster.toml"), []byte(cfg), 0o644)
+	os.WriteFile(filepath.Join(dir, "cni.yaml"), []byte("# a CNI\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: cni\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  namespace: cni\n"), 0o644)
+	os.WriteFile(filepath.Join(dir, "bad.yaml"), []byte("kind: Namespace\n"), 0o644)
+	_, err := Load(filepath.Join(dir, "cluster.toml"))
+	var ce *ConfigError
+	if !errors.As(err, &ce) || len(ce.Problems) != 2 {
+		t.Fatalf("err = %v", err)
+	}
+	want := []string{
+		"addons.manifests[1]: open " + filepath.Join(dir, "missing.yaml") + ": no such file or directory",
+		"addons.manifests[2]: bad.yaml: document 1 lacks apiVersion, kind or metadata.name",
+	}
+	for i, l := range ce.Lines() {
+		if !strings.HasSuffix(l, want[i]) || !strings.Contains(l, "cluster.toml:3:") {
+			t.Errorf("line %d = %q, want cluster.toml:3: ...%s", i, l, want[i])
+		}
+	}
+
+	os.WriteFile(filepath.Join(dir, "cluster.toml"), []byte(strings.Replace(cfg, `, "missing.yaml", "bad.yaml"`, "", 1)), 0o644)
+	c, err := Load(filepath.Join(dir, "cluster.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.AddonManifests) != 1 || c.AddonManifests[0].Name != "00-cni.yaml" {
+		t.Fatalf("manifests = %+v", c.AddonManifests)
+	}
+	if docs := SplitYAML(c.AddonManifests[0].Data); len(docs) != 2 {
+		t.Errorf("SplitYAML found %d documents, want 2", len(docs))
+	}
+}

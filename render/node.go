@@ -166,6 +166,14 @@ func (c *Cluster) controlPlaneFiles(s *Secrets, n Node) ([]File, error) {
 		return nil, err
 	}
 	files = append(files, File{KubeadmConfigFile, 0o644, kc})
+	addons, err := c.addons()
+	if err != nil {
+		return nil, err
+	}
+	files = append(files, File{AddonsFile, 0o644, addons})
+	for _, m := range c.AddonManifests {
+		files = append(files, File{path.Join(ExtraAddonsDir, m.Name), 0o644, m.Data})
+	}
 
 	join := Join{TokenTTL: c.TokenTTL.String(), Tokens: []JoinToken{}}
 	for _, w := range c.Workers() {

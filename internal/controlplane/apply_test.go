@@ -110,7 +110,7 @@ address = "127.0.1.22"
 
 	// preflight and files: the tree is exactly the rendered one.
 	o := applyOpts(p, "cp1", cpBundle, cpDigest, &log)
-	o.SkipPhases = []string{"images", "kubelet", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token"}
+	o.SkipPhases = []string{"images", "kubelet", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"}
 	if err := phases.Apply(ctx, o); err != nil {
 		t.Fatalf("%v\n%s", err, log.String())
 	}
@@ -187,8 +187,8 @@ address = "127.0.1.11"
 		t.Fatalf("second run of the API phases: %v", err)
 	}
 	j, err := phases.LoadJournal(root)
-	if err != nil || j.ManifestDigest != cpDigest || len(j.Phases) != 6 {
-		// preflight, files and the four API phases
+	if err != nil || j.ManifestDigest != cpDigest || len(j.Phases) != 7 {
+		// preflight, files and the five API phases
 		t.Errorf("journal = %+v, %v", j, err)
 	}
 
@@ -209,6 +209,16 @@ address = "127.0.1.11"
 	}
 	if ci, err := clientcmd.Load([]byte(info.Data[bootstrapapi.KubeConfigKey])); err != nil || len(ci.AuthInfos) != 0 {
 		t.Errorf("cluster-info kubeconfig: %v (it must carry no credential)", err)
+	}
+
+	if d, err := super.AppsV1().Deployments("kube-system").Get(ctx, "coredns", metav1.GetOptions{}); err != nil || d.Spec.Template.Spec.Containers[0].Image != c.CoreImages()[4].Ref {
+		t.Errorf("coredns deployment: %v", err)
+	}
+	if ds, err := super.AppsV1().DaemonSets("kube-system").Get(ctx, "kube-proxy", metav1.GetOptions{}); err != nil || ds.ManagedFields[0].Manager != "airadm" {
+		t.Errorf("kube-proxy daemonset: %v", err)
+	}
+	if svc, err := super.CoreV1().Services("kube-system").Get(ctx, "kube-dns", metav1.GetOptions{}); err != nil || svc.Spec.ClusterIP != "10.96.0.10" {
+		t.Errorf("kube-dns service: %v %v", svc, err)
 	}
 
 	// The real kubeadm reads the tokens as its own.
