@@ -89,3 +89,25 @@ func phaseNames() string {
 	}
 	return strings.Join(names, ", ")
 }
+
+// ResetCmd undoes apply on this host.
+type ResetCmd struct {
+	Root      string `default:"/" help:"Treat DIR as the host's /."`
+	CRISocket string `name:"cri-socket" default:"unix:///var/run/containerd/containerd.sock" help:"Container runtime whose Kubernetes containers to remove."`
+	Force     bool   `short:"f" help:"Do not ask for confirmation."`
+}
+
+func (cmd *ResetCmd) Run(env *Env) error {
+	if !cmd.Force {
+		if !env.IsTerminal || env.Stdin == nil {
+			return usageError{fmt.Errorf("resetting %s: this removes the node's Kubernetes state; pass --force to confirm", cmd.Root)}
+		}
+		fmt.Fprintf(env.Stderr, "Remove this node's Kubernetes files, containers and state under %s? [y/N] ", cmd.Root)
+		var answer string
+		fmt.Fscanln(env.Stdin, &answer)
+		if answer != "y" && answer != "Y" && answer != "yes" {
+			return fmt.Errorf("resetting: not confirmed")
+		}
+	}
+	return phases.Reset(context.Background(), phases.ResetOptions{Root: cmd.Root, Out: env.Stdout, CRISocket: cmd.CRISocket})
+}

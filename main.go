@@ -24,12 +24,14 @@ type CLI struct {
 	Inspect InspectCmd `cmd:"" help:"Describe a bundle: node, files, images and certificate expiry."`
 	Verify  VerifyCmd  `cmd:"" help:"Check every byte of a bundle against its manifest."`
 	Apply   ApplyCmd   `cmd:"" help:"Verify a bundle and bring this host up as its node."`
+	Reset   ResetCmd   `cmd:"" help:"Undo apply on this host (best effort, like kubeadm reset)."`
 	Images  ImagesCmd  `cmd:"" help:"Container images of the cluster."`
 	Version VersionCmd `cmd:"" help:"Print the airadm and pinned Kubernetes versions."`
 }
 
 // Env is what commands get from the outside world; tests replace it.
 type Env struct {
+	Stdin  io.Reader
 	Stdout io.Writer
 	Stderr io.Writer
 	Now    func() time.Time
@@ -46,7 +48,7 @@ func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
 func main() {
-	env := &Env{Stdout: os.Stdout, Stderr: os.Stderr, Now: time.Now, Rand: rand.Reader, Getenv: os.Getenv, IsTerminal: isTerminal(os.Stderr)}
+	env := &Env{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Now: time.Now, Rand: rand.Reader, Getenv: os.Getenv, IsTerminal: isTerminal(os.Stderr)}
 	os.Exit(run(os.Args[1:], env))
 }
 

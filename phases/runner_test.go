@@ -251,3 +251,42 @@ address = "127.0.1.21"
 		t.Errorf("no kubelet log: %v", err)
 	}
 }
+
+func TestResetRemovesWhatApplyWrote(t *testing.T) {
+	c := clustertest.New(t, cfg)
+	path, digest, _ := writeBundle(t, c)
+	root := t.TempDir()
+	if err := phases.Apply(context.Background(), opts(path, digest, root)); err != nil {
+		t.Fatal(err)
+	}
+	// kubelet's own state, which apply did not write.
+	os.MkdirAll(hostfs.Path(root, "/var/lib/kubelet/pki"), 0o755)
+	os.WriteFile(hostfs.Path(root, "/var/lib/kubelet/pki/kubelet-client-current.pem"), []byte("x"), 0o600)
+	os.MkdirAll(hostfs.Path(root, "/var/lib/etcd/member"), 0o700)
+	var out bytes.Buffer
+	if err := phases.Reset(context.Background(), phases.ResetOptions{Root: root, Out: &out}); err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			left = append(left, strings.TrimPrefix(p, root))
+		}
+		return nil
+	})
+	if len(left) != 0 {
+		t.Errorf("reset left %q", left)
+	}
+	for _, d := range []string{"/var/lib/etcd", "/var/lib/kubelet", "/var/lib/airadm"} {
+		if _, err := os.Stat(hostfs.Path(root, d)); !os.IsNotExist(err) {
+			t.Errorf("%s still exists", d)
+		}
+	}
+	if !strings.Contains(out.String(), "files apply wrote") {
+		t.Errorf("output: %s", out.String())
+	}
+	// A second reset finds nothing to do and succeeds.
+	if err := phases.Reset(context.Background(), phases.ResetOptions{Root: root}); err != nil {
+		t.Fatal(err)
+	}
+}

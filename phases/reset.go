@@ -1,0 +1,228 @@
+package phases
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+
+	"airadm.dev/airadm/hostfs"
+	"airadm.dev/airadm/render"
+)
+
+// ResetOptions configure Reset.
+type ResetOptions struct {
+	Root      string
+	Out       io.Writer
+	CRISocket string // unix:// endpoint; empty skips removing containers
+}
+
+// Reset undoes apply, best effort, like `kubeadm reset`: it stops kubelet,
+// removes the containers kubelet started, the files the journal lists and
+// the state kubelet and etcd made, and the leftovers REAL-CLUSTER-NOTES.md
+// lists (mounts under /var/lib/kubelet, pod logs, kubepods cgroups). It
+// keeps going after an error and reports them all at the end.
+func Reset(ctx context.Context, o ResetOptions) error {
+	if o.Root == "" {
+		o.Root = "/"
+	}
+	logf := func(format string, args ...any) {
+		if o.Out != nil {
+			fmt.Fprintf(o.Out, format+"\n", args...)
+		}
+	}
+	unlock, err := lockHost(o.Root)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	j, err := loadJournal(o.Root)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	keep := func(err error) {
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+
+	r := &Run{Options: Options{Root: o.Root}}
+	if pid, ok := r.runningKubelet(); ok {
+		keep(stopProcess(pid))
+		logf("stopped kubelet (pid %d)", pid)
+	} else if o.Root == "/" {
+		if _, err := os.Stat("/run/systemd/system"); err == nil {
+			if out, err := exec.CommandContext(ctx, "systemctl", "stop", "kubelet").CombinedOutput(); err != nil {
+				keep(fmt.Errorf("systemctl stop kubelet: %w: %s", err, strings.TrimSpace(string(out))))
+			} else {
+				logf("stopped kubelet (systemd)")
+			}
+		}
+	}
+	if o.CRISocket != "" {
+		n, err := removeContainers(ctx, strings.TrimPrefix(o.CRISocket, "unix://"))
+		keep(err)
+		logf("removed %d containers", n)
+	}
+	keep(unmountUnder(hostfs.Path(o.Root, render.KubeletDir)))
+
+	files := append([]string(nil), j.Files...)
+	sort.Strings(files)
+	for _, f := range files {
+		if err := os.Remove(hostfs.Path(o.Root, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			keep(err)
+		}
+	}
+	logf("removed %d files apply wrote", len(files))
+	// What kubelet and etcd made, as kubeadm reset removes it.
+	for _, dir := range []string{render.ManifestsDir, render.KubeletDir, render.EtcdDataDir, "/var/log/pods", "/var/log/containers",
+		render.KubeletKubeconfig, render.BootstrapKubeconfig, render.PKIDir, kubeletLogFile} {
+		if err := os.RemoveAll(hostfs.Path(o.Root, dir)); err != nil {
+			keep(err)
+		}
+	}
+	if o.Root == "/" {
+		keep(removeKubepodsCgroups())
+	}
+	if err := os.RemoveAll(hostfs.Path(o.Root, render.AiradmStateDir)); err != nil {
+		keep(err)
+	}
+	logf("reset done")
+	if len(errs) > 0 {
+		return fmt.Errorf("resetting: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+func stopProcess(pid int) error {
+	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+		return nil // already gone
+	}
+	for i := 0; i < 50; i++ {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
+			return nil
+		}
+		stat, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if strings.Contains(string(stat), ") Z ") {
+			return nil // a zombie is stopped; its parent reaps it
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return syscall.Kill(pid, syscall.SIGKILL)
+}
+
+// removeContainers kills and deletes every container in CRI's namespace.
+func removeContainers(ctx context.Context, sock string) (int, error) {
+	if _, err := os.Stat(sock); err != nil {
+		return 0, nil // no runtime: nothing to remove
+	}
+	c, err := containerd.New(sock, containerd.WithDefaultNamespace(criNamespace), containerd.WithTimeout(10*time.Second))
+	if err != nil {
+		return 0, fmt.Errorf("connecting to containerd: %w", err)
+	}
+	defer c.Close()
+	containers, err := c.Containers(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("listing containers: %w", err)
+	}
+	var errs []error
+	for _, ctr := range containers {
+		if task, err := ctr.Task(ctx, nil); err == nil {
+			task.Kill(ctx, syscall.SIGKILL)
+			if ch, err := task.Wait(ctx); err == nil {
+				select {
+				case <-ch:
+				case <-time.After(10 * time.Second):
+				}
+			}
+			if _, err := task.Delete(ctx, containerd.WithProcessKill); err != nil {
+				errs = append(errs, fmt.Errorf("deleting task %s: %w", ctr.ID(), err))
+			}
+		}
+		if err := ctr.Delete(ctx, containerd.WithSnapshotCleanup); err != nil {
+			errs = append(errs, fmt.Errorf("deleting container %s: %w", ctr.ID(), err))
+		}
+	}
+	return len(containers), errors.Join(errs...)
+}
+
+// unmountUnder lazily unmounts every mount below dir, deepest first,
+// including dir mounted onto itself.
+func unmountUnder(dir string) error {
+	b, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return nil
+	}
+	var points []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 1 {
+			p := unescapeMount(f[1])
+			if p == dir || strings.HasPrefix(p, dir+"/") {
+				points = append(points, p)
+			}
+		}
+	}
+	sort.Slice(points, func(i, j int) bool { return len(points[i]) > len(points[j]) })
+	var errs []error
+	for _, p := range points {
+		if err := syscall.Unmount(p, syscall.MNT_DETACH); err != nil {
+			errs = append(errs, fmt.Errorf("unmounting %s: %w", p, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// unescapeMount decodes the octal escapes /proc/self/mounts uses.
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// removeKubepodsCgroups removes the kubepods hierarchy kubelet leaves in
+// every cgroup controller, children first.
+func removeKubepodsCgroups() error {
+	roots, _ := filepath.Glob("/sys/fs/cgroup/*/kubepods*")
+	more, _ := filepath.Glob("/sys/fs/cgroup/kubepods*")
+	var dirs []string
+	for _, r := range append(roots, more...) {
+		filepath.WalkDir(r, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+	}
+	sort.Slice(dirs, func(i, j int) bool { return len(dirs[i]) > len(dirs[j]) })
+	var errs []error
+	for _, d := range dirs {
+		if err := syscall.Rmdir(d); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("removing cgroup %s: %w", d, err))
+		}
+	}
+	return errors.Join(errs...)
+}
