@@ -111,6 +111,9 @@ func (c *Cluster) APIServerServiceIP() netip.Addr { return nthIP(c.ServiceSubnet
 func (c *Cluster) DNSServiceIP() netip.Addr { return nthIP(c.ServiceSubnet, 10) }
 
 func nthIP(p netip.Prefix, n int64) netip.Addr {
+	if !p.IsValid() {
+		return netip.Addr{}
+	}
 	b := new(big.Int).SetBytes(p.Addr().AsSlice())
 	b.Add(b, big.NewInt(n))
 	raw := b.FillBytes(make([]byte, p.Addr().BitLen()/8))

@@ -47,7 +47,9 @@ type Cluster struct {
 	TokenTTL     time.Duration // 0 means the tokens never expire, as in kubeadm
 	CgroupDriver string
 	CRISocket    string
-	Nodes        []Node
+	// KubeletOverrides is [kubelet.config], validated against the type.
+	KubeletOverrides map[string]any
+	Nodes            []Node
 	// AddonManifests are the extra manifests, read by Load.
 	AddonManifests []Manifest
 	addonPaths     []string
@@ -141,6 +143,7 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 		CgroupDriver:      orDefault(cfg.Kubelet.CgroupDriver, DefaultCgroupDriver),
 		CRISocket:         orDefault(cfg.Kubelet.CRISocket, DefaultCRISocket),
 		addonPaths:        cfg.Addons.Manifests,
+		KubeletOverrides:  cfg.Kubelet.Config,
 	}
 
 	if len(validation.IsDNS1123Subdomain(c.Name)) > 0 {
@@ -289,6 +292,12 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 		}
 		if len(c.ControlPlanes()) > 1 {
 			p.add("control_plane_endpoint", "required with %d control-plane nodes: name a load balancer or VIP in front of them", len(c.ControlPlanes()))
+		}
+	}
+	// Last: the kubelet config depends on the fields checked above.
+	if len(c.KubeletOverrides) > 0 && c.ServiceSubnet.IsValid() {
+		if _, err := c.KubeletConfiguration(); err != nil {
+			p.add("kubelet.config", "%v", err)
 		}
 	}
 	return c, p.problems

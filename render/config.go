@@ -56,6 +56,9 @@ type JoinConfig struct {
 type KubeletConfig struct {
 	CgroupDriver string `toml:"cgroup_driver"`
 	CRISocket    string `toml:"cri_socket"`
+	// Config is merged into the KubeletConfiguration, with kubelet's own
+	// field names: the escape hatch kubeadm offers as kubelet patches.
+	Config map[string]any `toml:"config"`
 }
 
 // AddonsConfig names extra manifests (a CNI, say) that control planes

@@ -153,3 +153,29 @@ address = "10.0.0.11"
 		t.Errorf("SplitYAML found %d documents, want 2", len(docs))
 	}
 }
+
+func TestKubeletConfigOverrides(t *testing.T) {
+	base := `
+[kubelet.config]
+failCgroupV1 = false
+oomScoreAdj = 0
+%s
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "10.0.0.11"
+`
+	c, err := Parse("k.toml", []byte(strings.Replace(base, "%s", "", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kc, err := c.KubeletConfiguration()
+	if err != nil || kc.FailCgroupV1 == nil || *kc.FailCgroupV1 || kc.OOMScoreAdj == nil || *kc.OOMScoreAdj != 0 || kc.StaticPodPath != ManifestsDir {
+		t.Fatalf("merged = %+v, %v", kc, err)
+	}
+	_, err = Parse("k.toml", []byte(strings.Replace(base, "%s", "staticPodPaht = \"/x\"", 1)))
+	var ce *ConfigError
+	if !errors.As(err, &ce) || len(ce.Lines()) != 1 || !strings.Contains(ce.Lines()[0], `k.toml:2: kubelet.config: not a valid KubeletConfiguration: error unmarshaling JSON: while decoding JSON: json: unknown field "staticPodPaht"`) {
+		t.Errorf("err = %v", err)
+	}
+}

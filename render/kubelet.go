@@ -1,6 +1,7 @@
 package render
 
 import (
+	"encoding/json"
 	"fmt"
 	"strings"
 
@@ -22,10 +23,51 @@ const (
 	KubeletBinary       = "/usr/bin/kubelet"
 )
 
-// KubeletConfiguration is the kubelet config kubeadm's componentconfigs
+// KubeletConfiguration is kubeadmKubeletConfiguration with [kubelet.config]
+// merged over it. The merge goes through JSON and decodes strictly, so a
+// misspelt field is an error, not a silently ignored setting.
+func (c *Cluster) KubeletConfiguration() (*kubeletv1beta1.KubeletConfiguration, error) {
+	base := c.kubeadmKubeletConfiguration()
+	if len(c.KubeletOverrides) == 0 {
+		return base, nil
+	}
+	b, err := json.Marshal(base)
+	if err != nil {
+		return nil, err
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, err
+	}
+	mergeInto(m, c.KubeletOverrides)
+	merged, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	var out kubeletv1beta1.KubeletConfiguration
+	if err := yaml.UnmarshalStrict(merged, &out); err != nil {
+		return nil, fmt.Errorf("not a valid KubeletConfiguration: %v", err)
+	}
+	return &out, nil
+}
+
+// mergeInto overlays src onto dst, table by table.
+func mergeInto(dst, src map[string]any) {
+	for k, v := range src {
+		if sv, ok := v.(map[string]any); ok {
+			if dv, ok := dst[k].(map[string]any); ok {
+				mergeInto(dv, sv)
+				continue
+			}
+		}
+		dst[k] = v
+	}
+}
+
+// kubeadmKubeletConfiguration is the kubelet config kubeadm's componentconfigs
 // package writes for this cluster, with the node's CRI socket merged in as
 // kubeadm merges instance-config.yaml.
-func (c *Cluster) KubeletConfiguration() *kubeletv1beta1.KubeletConfiguration {
+func (c *Cluster) kubeadmKubeletConfiguration() *kubeletv1beta1.KubeletConfiguration {
 	zero := metav1.Duration{Duration: 0}
 	return &kubeletv1beta1.KubeletConfiguration{
 		TypeMeta: metav1.TypeMeta{APIVersion: "kubelet.config.k8s.io/v1beta1", Kind: "KubeletConfiguration"},
@@ -66,7 +108,11 @@ func (c *Cluster) KubeletConfiguration() *kubeletv1beta1.KubeletConfiguration {
 }
 
 func (c *Cluster) kubeletConfigYAML() ([]byte, error) {
-	b, err := yaml.Marshal(c.KubeletConfiguration())
+	kc, err := c.KubeletConfiguration()
+	if err != nil {
+		return nil, err
+	}
+	b, err := yaml.Marshal(kc)
 	if err != nil {
 		return nil, fmt.Errorf("encoding kubelet configuration: %w", err)
 	}
