@@ -24,7 +24,7 @@ const (
 
 const (
 	kubeletPIDFile = render.AiradmStateDir + "/kubelet.pid"
-	kubeletLogFile = "/var/log/airadm-kubelet.log"
+	kubeletLogFile = "/var/log/airadm/kubelet.log"
 )
 
 func (r *Run) kubeletMode() string {

@@ -87,7 +87,7 @@ func Reset(ctx context.Context, o ResetOptions) error {
 	logf("removed %d files apply wrote", len(files))
 	// What kubelet and etcd made, as kubeadm reset removes it.
 	for _, dir := range []string{render.ManifestsDir, render.KubeletDir, render.EtcdDataDir, "/var/log/pods", "/var/log/containers",
-		render.KubeletKubeconfig, render.BootstrapKubeconfig, render.PKIDir, kubeletLogFile} {
+		render.KubeletKubeconfig, render.BootstrapKubeconfig, render.PKIDir, filepath.Dir(kubeletLogFile)} {
 		if err := os.RemoveAll(hostfs.Path(o.Root, dir)); err != nil {
 			keep(err)
 		}

@@ -247,7 +247,7 @@ address = "127.0.1.21"
 	if err == nil || !strings.Contains(err.Error(), "kubelet exited at once") || !strings.Contains(err.Error(), `"command failed"`) {
 		t.Fatalf("err = %v", err)
 	}
-	if _, err := os.Stat(hostfs.Path(root, "/var/log/airadm-kubelet.log")); err != nil {
+	if _, err := os.Stat(hostfs.Path(root, "/var/log/airadm/kubelet.log")); err != nil {
 		t.Errorf("no kubelet log: %v", err)
 	}
 }

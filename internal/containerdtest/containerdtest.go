@@ -32,7 +32,7 @@ func (c *Containerd) Endpoint() string { return "unix://" + c.Socket }
 // config follows REAL-CLUSTER-NOTES.md: a private instance with NRI off,
 // no imported config, per-instance runc root, and restrict_oom_score_adj
 // because these VMs lack CAP_SYS_RESOURCE.
-const config = `version = 4
+const configTemplate = `version = 4
 root = %[1]q
 state = %[2]q
 imports = []
@@ -58,6 +58,18 @@ imports = []
     conf_dir = %[9]q
 `
 
+// Paths place one instance.
+type Paths struct {
+	Root, State, Socket, Opt, RuncRoot string
+	CNIBin, CNIConf                    string
+	Sandbox                            string // the pause image reference
+}
+
+// Config is the instance's config.toml.
+func Config(p Paths) string {
+	return fmt.Sprintf(configTemplate, p.Root, p.State, p.Socket, p.Socket+".ttrpc", p.Opt, p.Sandbox, p.RuncRoot, p.CNIBin, p.CNIConf)
+}
+
 // Start runs containerd until the test ends. It fails the test, saying how
 // to get them, if containerd or runc is missing.
 func Start(t *testing.T) *Containerd {
@@ -80,8 +92,9 @@ func Start(t *testing.T) *Containerd {
 		Log:    filepath.Join(dir, "containerd.log"),
 	}
 	cfg := filepath.Join(dir, "config.toml")
-	body := fmt.Sprintf(config, c.Root, c.State, c.Socket, c.Socket+".ttrpc", filepath.Join(dir, "opt"),
-		"registry.k8s.io/pause:"+render.PauseVersion, filepath.Join(dir, "runc"), filepath.Dir(bin), filepath.Join(dir, "cni"))
+	body := Config(Paths{Root: c.Root, State: c.State, Socket: c.Socket, Opt: filepath.Join(dir, "opt"),
+		RuncRoot: filepath.Join(dir, "runc"), CNIBin: filepath.Dir(bin), CNIConf: filepath.Join(dir, "cni"),
+		Sandbox: "registry.k8s.io/pause:" + render.PauseVersion})
 	if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
 		t.Fatal(err)
 	}

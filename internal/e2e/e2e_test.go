@@ -1,0 +1,319 @@
+// Package e2e_test is the whole story on one machine: images built from
+// the pinned binaries in a loopback registry, `airadm build`, `airadm apply`
+// of a control plane and a worker, each in its own network and mount
+// namespace with its own containerd and kubelet, and the real kubeadm
+// reading the result.
+package e2e_test
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"airadm.dev/airadm/internal/k8sbin"
+	"airadm.dev/airadm/render"
+)
+
+// binaryImage is one layer holding bin at /usr/local/bin/<name> (or at
+// path), uncompressed: everything stays on this machine, and skipping gzip
+// keeps the test fast.
+func binaryImage(t *testing.T, bin, path string, entrypoint []string) v1.Image {
+	t.Helper()
+	data, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	dirs := strings.Split(strings.Trim(filepath.Dir(path), "/"), "/")
+	for i := range dirs {
+		if dirs[i] == "" {
+			continue
+		}
+		tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: strings.Join(dirs[:i+1], "/") + "/", Mode: 0o755})
+	}
+	tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: strings.TrimPrefix(path, "/"), Mode: 0o755, Size: int64(len(data))})
+	tw.Write(data)
+	tw.Close()
+	layer := static.NewLayer(buf.Bytes(), types.OCIUncompressedLayer)
+	img, err := mutate.AppendLayers(mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON), layer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err = mutate.Config(img, v1.Config{Env: []string{"PATH=/usr/local/bin:/usr/bin:/bin"}, Entrypoint: entrypoint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf, _ := img.ConfigFile()
+	cf.OS, cf.Architecture = "linux", "amd64"
+	img, err = mutate.ConfigFile(img, cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// pushImages builds kubeadm's seven images from the pinned binaries and
+// pushes them to a loopback registry under host/k8s.
+func pushImages(t *testing.T, repo string, c *render.Cluster) {
+	t.Helper()
+	pause := filepath.Join(t.TempDir(), "pause")
+	build := exec.Command("go", "build", "-o", pause, "./hack/pause")
+	build.Dir = "../.."
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building pause: %v\n%s", err, out)
+	}
+	for _, im := range c.CoreImages() {
+		var img v1.Image
+		switch im.Component {
+		case "pause":
+			img = binaryImage(t, pause, "/pause", []string{"/pause"})
+		case "coredns":
+			bin, err := k8sbin.Path("coredns")
+			if err != nil {
+				t.Fatal(err)
+			}
+			img = binaryImage(t, bin, "/coredns", []string{"/coredns"})
+		default:
+			bin, err := k8sbin.Path(im.Component)
+			if err != nil {
+				t.Fatal(err)
+			}
+			img = binaryImage(t, bin, "/usr/local/bin/"+im.Component, nil)
+		}
+		ref, err := name.ParseReference(im.Ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := remote.Write(ref, img); err != nil {
+			t.Fatalf("pushing %s: %v", im.Ref, err)
+		}
+	}
+}
+
+func buildAiradm(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "airadm")
+	cmd := exec.Command("go", "build", "-o", bin, ".")
+	cmd.Dir = "../.."
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building airadm: %v\n%s", err, out)
+	}
+	return bin
+}
+
+const cniConfig = `{
+  "cniVersion": "1.0.0",
+  "name": "e2e",
+  "plugins": [
+    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+     "ipam": {"type": "host-local", "ranges": [[{"subnet": "%s"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+    {"type": "loopback"}
+  ]
+}
+`
+
+func TestEndToEnd(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("the end-to-end test needs root for network and mount namespaces")
+	}
+	for _, tool := range []string{"ip", "nsenter", "unshare", "runc"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is missing: apt-get install iproute2 util-linux runc (./hack/test installs them)", tool)
+		}
+	}
+	kubelet, err := k8sbin.Path("kubelet")
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubeadm, err := k8sbin.Path("kubeadm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+
+	reg := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	defer reg.Close()
+	repo := strings.TrimPrefix(reg.URL, "http://") + "/k8s"
+
+	work := t.TempDir()
+	cfg := filepath.Join(work, "cluster.toml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`name = "e2e"
+[network]
+pod_subnet = "10.244.0.0/16"
+[pki]
+algorithm = "ECDSA-P256"
+[images]
+repository = %q
+[kubelet]
+cgroup_driver = "cgroupfs"
+# These VMs run cgroup v1 and lack CAP_SYS_RESOURCE (REAL-CLUSTER-NOTES.md).
+[kubelet.config]
+failCgroupV1 = false
+oomScoreAdj = 0
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "10.77.0.11"
+[[nodes]]
+name = "w1"
+role = "worker"
+address = "10.77.0.21"
+`, repo)), 0o644)
+	c, err := render.Load(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pushImages(t, repo, c)
+
+	airadm := buildAiradm(t)
+	out, err := exec.Command(airadm, "build", "-c", cfg, "-o", filepath.Join(work, "out")).CombinedOutput()
+	if err != nil {
+		t.Fatalf("airadm build: %v\n%s", err, out)
+	}
+
+	network(t)
+	mountPoints(t)
+	cp := newNode(t, "cp1", "10.77.0.11")
+	w := newNode(t, "w1", "10.77.0.21")
+	for _, n := range []*node{cp, w} {
+		n.startContainerd(c.PauseImage())
+	}
+	// A pod network for each node's sandboxes (the CNI a real cluster
+	// would install through images.extra and addons.manifests).
+	for n, subnet := range map[*node]string{cp: "10.244.0.0/24", w: "10.244.1.0/24"} {
+		os.WriteFile(filepath.Join(n.dir, "etc_cni_net.d", "10-e2e.conflist"), []byte(fmt.Sprintf(cniConfig, subnet)), 0o644)
+	}
+	t.Cleanup(func() {
+		for _, n := range []*node{w, cp} {
+			if out, err := n.run(context.Background(), airadm, "reset", "--force"); err != nil {
+				t.Logf("reset %s: %v\n%s", n.name, err, out)
+			}
+		}
+	})
+	apply := func(n *node) time.Duration {
+		t.Helper()
+		start := time.Now()
+		out, err := n.run(ctx, airadm, "apply", "--node", n.name, "--kubelet", "exec", "--kubelet-binary", kubelet,
+			filepath.Join(work, "out", n.name+".bundle"))
+		if err != nil {
+			logs, _ := os.ReadFile(filepath.Join(n.dir, "var_log_airadm", "kubelet.log"))
+			t.Fatalf("airadm apply on %s: %v\n%s\n--- kubelet log (end):\n%s", n.name, err, out, lastLines(string(logs), 40))
+		}
+		t.Logf("airadm apply on %s:\n%s", n.name, out)
+		return time.Since(start)
+	}
+	cpTime := apply(cp)
+	restCfg, err := clientcmd.BuildConfigFromFlags("", filepath.Join(cp.dir, "etc_kubernetes", "admin.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	joinTime := apply(w)
+
+	ready := func() (int, error) {
+		nodes, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return 0, err
+		}
+		n := 0
+		for _, nd := range nodes.Items {
+			for _, cond := range nd.Status.Conditions {
+				if cond.Type == corev1.NodeReady && cond.Status == corev1.ConditionTrue {
+					n++
+				}
+			}
+		}
+		return n, nil
+	}
+	waitFor(t, ctx, 3*time.Minute, "both nodes Ready", func() (bool, error) {
+		n, err := ready()
+		return n == 2, err
+	})
+
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "on-w1", Namespace: "default"},
+		Spec: corev1.PodSpec{
+			NodeSelector: map[string]string{"kubernetes.io/hostname": "w1"},
+			Containers:   []corev1.Container{{Name: "pause", Image: c.PauseImage(), ImagePullPolicy: corev1.PullNever}},
+		},
+	}
+	if _, err := cs.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, 2*time.Minute, "a pod running on w1", func() (bool, error) {
+		p, err := cs.CoreV1().Pods("default").Get(ctx, "on-w1", metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		return p.Status.Phase == corev1.PodRunning && p.Spec.NodeName == "w1", fmt.Errorf("phase %s on %q", p.Status.Phase, p.Spec.NodeName)
+	})
+
+	// The real kubeadm reads what airadm made.
+	for _, args := range [][]string{
+		{"certs", "check-expiration"},
+		{"token", "list", "--kubeconfig", "/etc/kubernetes/admin.conf"},
+	} {
+		out, err := cp.run(ctx, kubeadm, args...)
+		if err != nil {
+			t.Fatalf("kubeadm %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		t.Logf("kubeadm %s:\n%s", strings.Join(args, " "), out)
+		if args[0] == "certs" && !strings.Contains(out, "apiserver-etcd-client") {
+			t.Errorf("kubeadm certs check-expiration does not list the certificates:\n%s", out)
+		}
+	}
+	n, _ := ready()
+	fmt.Printf("e2e: %d/2 nodes Ready, control plane applied in %s, worker joined in %s\n", n, cpTime.Round(100*time.Millisecond), joinTime.Round(100*time.Millisecond))
+}
+
+func waitFor(t *testing.T, ctx context.Context, d time.Duration, what string, f func() (bool, error)) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	var last error
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		ok, err := f()
+		if ok {
+			return
+		}
+		last = err
+		time.Sleep(time.Second)
+	}
+	t.Fatalf("no %s after %v: %v", what, d, last)
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

@@ -1,0 +1,239 @@
+package e2e_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"airadm.dev/airadm/internal/containerdtest"
+	"airadm.dev/airadm/internal/k8sbin"
+)
+
+// A simulated host: its own network namespace (on a bridge with the test
+// process), and its own mount namespace in which the host paths Kubernetes
+// uses are bind mounts of directories under the test's temp dir. airadm
+// apply then runs against "/" exactly as on a real host.
+type node struct {
+	t      *testing.T
+	name   string
+	addr   string
+	netns  string
+	dir    string
+	holder *exec.Cmd
+}
+
+const (
+	bridge   = "airadm-e2e0"
+	bridgeIP = "10.77.0.1"
+)
+
+// hostPaths are bind-mounted per node. Those missing on the host are
+// created for the mount points and removed again at the end.
+var hostPaths = []string{
+	"/etc/kubernetes", "/var/lib/kubelet", "/var/lib/etcd", "/var/lib/airadm", "/var/lib/containerd",
+	"/run/containerd", "/etc/cni/net.d", "/var/log/pods", "/var/log/containers", "/var/log/airadm",
+	"/etc/systemd/system", "/var/lib/cni", "/run/netns",
+}
+
+func run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// network makes the bridge the nodes hang off; the test process reaches
+// them through it. Everything is removed when the test ends.
+func network(t *testing.T) {
+	exec.Command("ip", "link", "del", bridge).Run() // a previous run's, if killed
+	run(t, "ip", "link", "add", bridge, "type", "bridge")
+	t.Cleanup(func() { exec.Command("ip", "link", "del", bridge).Run() })
+	run(t, "ip", "addr", "add", bridgeIP+"/24", "dev", bridge)
+	run(t, "ip", "link", "set", bridge, "up")
+}
+
+// mountPoints creates the host's missing mount points, once for all nodes.
+func mountPoints(t *testing.T) {
+	var created []string
+	for _, p := range hostPaths {
+		if _, err := os.Stat(p); os.IsNotExist(err) {
+			if err := os.MkdirAll(p, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			created = append(created, p)
+		}
+	}
+	t.Cleanup(func() {
+		for i := len(created) - 1; i >= 0; i-- {
+			os.Remove(created[i])
+			// and parents airadm's MkdirAll made, if now empty
+			os.Remove(filepath.Dir(created[i]))
+		}
+	})
+}
+
+func newNode(t *testing.T, name, addr string) *node {
+	t.Helper()
+	n := &node{t: t, name: name, addr: addr, netns: "airadm-e2e-" + name}
+	dir, err := os.MkdirTemp("", "e2e-"+name+"-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.dir = dir
+	exec.Command("ip", "netns", "del", n.netns).Run()
+	run(t, "ip", "netns", "add", n.netns)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.netns).Run() })
+	veth := "ve-" + name
+	run(t, "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", n.netns)
+	run(t, "ip", "link", "set", veth, "master", bridge, "up")
+	run(t, "ip", "-n", n.netns, "addr", "add", addr+"/24", "dev", "eth0")
+	run(t, "ip", "-n", n.netns, "link", "set", "eth0", "up")
+	run(t, "ip", "-n", n.netns, "link", "set", "lo", "up")
+	run(t, "ip", "-n", n.netns, "route", "add", "default", "via", bridgeIP)
+
+	var script strings.Builder
+	script.WriteString("set -e\n")
+	for _, p := range hostPaths {
+		src := filepath.Join(dir, strings.ReplaceAll(strings.TrimPrefix(p, "/"), "/", "_"))
+		if err := os.MkdirAll(src, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(&script, "mount --bind %s %s\n", src, p)
+	}
+	script.WriteString("echo ready\nexec sleep 1000000\n")
+	n.holder = exec.Command("ip", "netns", "exec", n.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c", script.String())
+	n.holder.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	stdout, _ := n.holder.StdoutPipe()
+	n.holder.Stderr = os.Stderr
+	if err := n.holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.stop)
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil || strings.TrimSpace(line) != "ready" {
+		t.Fatalf("node %s namespace setup: %q %v", name, line, err)
+	}
+	return n
+}
+
+// pid is the process holding the namespaces (the sleep, after exec).
+func (n *node) pid() string { return strconv.Itoa(n.holder.Process.Pid) }
+
+// command runs inside the node's namespaces.
+func (n *node) command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "nsenter", append([]string{"--target", n.pid(), "--mount", "--net", "--", name}, args...)...)
+}
+
+func (n *node) run(ctx context.Context, name string, args ...string) (string, error) {
+	out, err := n.command(ctx, name, args...).CombinedOutput()
+	return string(out), err
+}
+
+// startContainerd runs the node's own containerd at the default socket
+// path, as kubelet and airadm expect it.
+func (n *node) startContainerd(sandbox string) {
+	t := n.t
+	t.Helper()
+	bin, err := k8sbin.Path("containerd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(n.dir, "containerd.toml")
+	body := containerdtest.Config(containerdtest.Paths{
+		Root: "/var/lib/containerd", State: "/run/containerd", Socket: "/run/containerd/containerd.sock",
+		Opt: filepath.Join(n.dir, "opt"), RuncRoot: "/run/containerd/runc",
+		CNIBin: filepath.Dir(bin), CNIConf: "/etc/cni/net.d", Sandbox: sandbox,
+	})
+	if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	log, _ := os.Create(filepath.Join(n.dir, "containerd.log"))
+	cmd := n.command(context.Background(), bin, "--config", cfg)
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(bin)+":"+os.Getenv("PATH"))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := n.run(context.Background(), "test", "-S", "/run/containerd/containerd.sock"); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("containerd on %s did not start; see %s", n.name, filepath.Join(n.dir, "containerd.log"))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// stop kills every process in the node's mount namespace (kubelet,
+// containerd, shims, containers), unmounts, and removes its files.
+func (n *node) stop() {
+	if n.holder == nil || n.holder.Process == nil {
+		return
+	}
+	mine, err := os.Readlink("/proc/" + n.pid() + "/ns/mnt")
+	if err == nil {
+		for round := 0; round < 3; round++ {
+			procs, _ := os.ReadDir("/proc")
+			for _, p := range procs {
+				pid, err := strconv.Atoi(p.Name())
+				if err != nil || strconv.Itoa(pid) == n.pid() {
+					continue
+				}
+				if ns, err := os.Readlink("/proc/" + p.Name() + "/ns/mnt"); err == nil && ns == mine {
+					syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+			time.Sleep(300 * time.Millisecond)
+		}
+	}
+	killKubepods()
+	syscall.Kill(-n.holder.Process.Pid, syscall.SIGKILL)
+	n.holder.Wait()
+	removeKubepods()
+	os.RemoveAll(n.dir)
+}
+
+// killKubepods kills the containers kubelets started: they live in mount
+// namespaces of their own, below the shims.
+func killKubepods() {
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		if b, err := os.ReadFile("/proc/" + p.Name() + "/cgroup"); err == nil && strings.Contains(string(b), "/kubepods") {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// removeKubepods removes the pod cgroups kubelets made, children first.
+func removeKubepods() {
+	var dirs []string
+	roots, _ := filepath.Glob("/sys/fs/cgroup/*/kubepods*")
+	for _, r := range roots {
+		filepath.WalkDir(r, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+	}
+	for i := len(dirs) - 1; i >= 0; i-- {
+		syscall.Rmdir(dirs[i])
+	}
+}
