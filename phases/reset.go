@@ -15,6 +15,9 @@ import (
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/errdefs"
+	kubeletv1beta1 "k8s.io/kubelet/config/v1beta1"
+	"sigs.k8s.io/yaml"
 
 	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/render"
@@ -49,6 +52,14 @@ func Reset(ctx context.Context, o ResetOptions) error {
 	j, err := loadJournal(o.Root)
 	if err != nil {
 		return err
+	}
+	// Read before the file goes: kubelet nests kubepods under cgroupRoot.
+	cgroupRoot := "/"
+	if b, err := os.ReadFile(hostfs.Path(o.Root, render.KubeletConfigFile)); err == nil {
+		var kc kubeletv1beta1.KubeletConfiguration
+		if yaml.Unmarshal(b, &kc) == nil && kc.CgroupRoot != "" {
+			cgroupRoot = kc.CgroupRoot
+		}
 	}
 	var errs []error
 	keep := func(err error) {
@@ -88,21 +99,42 @@ func Reset(ctx context.Context, o ResetOptions) error {
 	// What kubelet and etcd made, as kubeadm reset removes it.
 	for _, dir := range []string{render.ManifestsDir, render.KubeletDir, render.EtcdDataDir, "/var/log/pods", "/var/log/containers",
 		render.KubeletKubeconfig, render.BootstrapKubeconfig, render.PKIDir, filepath.Dir(kubeletLogFile)} {
-		if err := os.RemoveAll(hostfs.Path(o.Root, dir)); err != nil {
-			keep(err)
-		}
+		keep(removeAll(hostfs.Path(o.Root, dir)))
 	}
 	if o.Root == "/" {
-		keep(removeKubepodsCgroups())
+		keep(removeKubepodsCgroups(cgroupRoot))
 	}
-	if err := os.RemoveAll(hostfs.Path(o.Root, render.AiradmStateDir)); err != nil {
-		keep(err)
-	}
+	keep(removeAll(hostfs.Path(o.Root, render.AiradmStateDir)))
 	logf("reset done")
 	if len(errs) > 0 {
 		return fmt.Errorf("resetting: %w", errors.Join(errs...))
 	}
 	return nil
+}
+
+// removeAll removes path and what it holds, but keeps a directory that is a
+// mount point (a disk mounted at /var/lib/etcd, say) and only empties it.
+func removeAll(path string) error {
+	entries, err := os.ReadDir(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err // a file that cannot go
+		}
+		return nil
+	}
+	var errs []error
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(path, e.Name())); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, syscall.EBUSY) && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
 func stopProcess(pid int) error {
@@ -146,11 +178,12 @@ func removeContainers(ctx context.Context, sock string) (int, error) {
 				case <-time.After(10 * time.Second):
 				}
 			}
-			if _, err := task.Delete(ctx, containerd.WithProcessKill); err != nil {
+			if _, err := task.Delete(ctx, containerd.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
 				errs = append(errs, fmt.Errorf("deleting task %s: %w", ctr.ID(), err))
 			}
 		}
-		if err := ctr.Delete(ctx, containerd.WithSnapshotCleanup); err != nil {
+		// kubelet, still winding down, may have deleted it first.
+		if err := ctr.Delete(ctx, containerd.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
 			errs = append(errs, fmt.Errorf("deleting container %s: %w", ctr.ID(), err))
 		}
 	}
@@ -204,10 +237,10 @@ func unescapeMount(s string) string {
 }
 
 // removeKubepodsCgroups removes the kubepods hierarchy kubelet leaves in
-// every cgroup controller, children first.
-func removeKubepodsCgroups() error {
-	roots, _ := filepath.Glob("/sys/fs/cgroup/*/kubepods*")
-	more, _ := filepath.Glob("/sys/fs/cgroup/kubepods*")
+// every cgroup controller below root, children first.
+func removeKubepodsCgroups(root string) error {
+	roots, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup/*", root, "kubepods*"))
+	more, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", root, "kubepods*"))
 	var dirs []string
 	for _, r := range append(roots, more...) {
 		filepath.WalkDir(r, func(p string, d os.DirEntry, err error) error {

@@ -60,6 +60,8 @@ type Node struct {
 	Name    string
 	Role    Role
 	Address netip.Addr
+	// KubeletOverrides is the node's kubelet_config.
+	KubeletOverrides map[string]any
 }
 
 // Defaults of kubeadm v1.37.2 (cmd/kubeadm/app/apis/kubeadm/v1beta4/defaults.go
@@ -243,7 +245,7 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 	addrs := map[netip.Addr]int{}
 	for i, n := range cfg.Nodes {
 		field := fmt.Sprintf("nodes[%d]", i)
-		node := Node{Name: n.Name, Role: Role(n.Role)}
+		node := Node{Name: n.Name, Role: Role(n.Role), KubeletOverrides: n.KubeletConfig}
 		if n.Name == "" {
 			p.add(field+".name", "missing")
 		} else if len(validation.IsDNS1123Subdomain(n.Name)) > 0 {
@@ -296,8 +298,15 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 	}
 	// Last: the kubelet config depends on the fields checked above.
 	if len(c.KubeletOverrides) > 0 && c.ServiceSubnet.IsValid() {
-		if _, err := c.KubeletConfiguration(); err != nil {
+		if _, err := c.KubeletConfiguration(Node{}); err != nil {
 			p.add("kubelet.config", "%v", err)
+		}
+	}
+	for i, n := range c.Nodes {
+		if len(n.KubeletOverrides) > 0 && c.ServiceSubnet.IsValid() {
+			if _, err := c.KubeletConfiguration(Node{KubeletOverrides: n.KubeletOverrides}); err != nil {
+				p.add(fmt.Sprintf("nodes[%d].kubelet_config", i), "%v", err)
+			}
 		}
 	}
 	return c, p.problems

@@ -71,6 +71,8 @@ type NodeConfig struct {
 	Name    string `toml:"name"`
 	Role    string `toml:"role"`
 	Address string `toml:"address"`
+	// KubeletConfig is merged after [kubelet.config], for this node only.
+	KubeletConfig map[string]any `toml:"kubelet_config"`
 }
 
 // Problem is one thing wrong with a config file, located as precisely as the

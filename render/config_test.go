@@ -169,7 +169,7 @@ address = "10.0.0.11"
 	if err != nil {
 		t.Fatal(err)
 	}
-	kc, err := c.KubeletConfiguration()
+	kc, err := c.KubeletConfiguration(c.Nodes[0])
 	if err != nil || kc.FailCgroupV1 == nil || *kc.FailCgroupV1 || kc.OOMScoreAdj == nil || *kc.OOMScoreAdj != 0 || kc.StaticPodPath != ManifestsDir {
 		t.Fatalf("merged = %+v, %v", kc, err)
 	}

@@ -24,11 +24,12 @@ const (
 )
 
 // KubeletConfiguration is kubeadmKubeletConfiguration with [kubelet.config]
-// merged over it. The merge goes through JSON and decodes strictly, so a
-// misspelt field is an error, not a silently ignored setting.
-func (c *Cluster) KubeletConfiguration() (*kubeletv1beta1.KubeletConfiguration, error) {
+// and then the node's kubelet_config merged over it. The merge goes through
+// JSON and decodes strictly, so a misspelt field is an error, not a
+// silently ignored setting.
+func (c *Cluster) KubeletConfiguration(n Node) (*kubeletv1beta1.KubeletConfiguration, error) {
 	base := c.kubeadmKubeletConfiguration()
-	if len(c.KubeletOverrides) == 0 {
+	if len(c.KubeletOverrides) == 0 && len(n.KubeletOverrides) == 0 {
 		return base, nil
 	}
 	b, err := json.Marshal(base)
@@ -40,6 +41,7 @@ func (c *Cluster) KubeletConfiguration() (*kubeletv1beta1.KubeletConfiguration, 
 		return nil, err
 	}
 	mergeInto(m, c.KubeletOverrides)
+	mergeInto(m, n.KubeletOverrides)
 	merged, err := json.Marshal(m)
 	if err != nil {
 		return nil, err
@@ -107,8 +109,8 @@ func (c *Cluster) kubeadmKubeletConfiguration() *kubeletv1beta1.KubeletConfigura
 	}
 }
 
-func (c *Cluster) kubeletConfigYAML() ([]byte, error) {
-	kc, err := c.KubeletConfiguration()
+func (c *Cluster) kubeletConfigYAML(n Node) ([]byte, error) {
+	kc, err := c.KubeletConfiguration(n)
 	if err != nil {
 		return nil, err
 	}

@@ -70,7 +70,7 @@ func NodeFiles(c *Cluster, s *Secrets, name string) ([]File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("rendering node %s: %w", name, err)
 	}
-	kubelet, err := c.kubeletConfigYAML()
+	kubelet, err := c.kubeletConfigYAML(n)
 	if err != nil {
 		return nil, err
 	}

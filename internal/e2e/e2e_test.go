@@ -180,10 +180,12 @@ oomScoreAdj = 0
 name = "cp1"
 role = "control-plane"
 address = "10.77.0.11"
+kubelet_config = { cgroupRoot = "/airadm-e2e-cp1" }
 [[nodes]]
 name = "w1"
 role = "worker"
 address = "10.77.0.21"
+kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
 `, repo)), 0o644)
 	c, err := render.Load(cfg)
 	if err != nil {
@@ -202,6 +204,7 @@ address = "10.77.0.21"
 	cp := newNode(t, "cp1", "10.77.0.11")
 	w := newNode(t, "w1", "10.77.0.21")
 	for _, n := range []*node{cp, w} {
+		n.makeCgroupRoot()
 		n.startContainerd(c.PauseImage())
 	}
 	// A pod network for each node's sandboxes (the CNI a real cluster

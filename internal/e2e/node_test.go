@@ -75,6 +75,7 @@ func mountPoints(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		for i := len(created) - 1; i >= 0; i-- {
+			syscall.Unmount(created[i], syscall.MNT_DETACH) // ip netns mounts /run/netns onto itself
 			os.Remove(created[i])
 			// and parents airadm's MkdirAll made, if now empty
 			os.Remove(filepath.Dir(created[i]))
@@ -111,7 +112,10 @@ func newNode(t *testing.T, name, addr string) *node {
 		fmt.Fprintf(&script, "mount --bind %s %s\n", src, p)
 	}
 	script.WriteString("echo ready\nexec sleep 1000000\n")
-	n.holder = exec.Command("ip", "netns", "exec", n.netns, "unshare", "--mount", "--propagation", "private", "sh", "-c", script.String())
+	// nsenter joins the network namespace without `ip netns exec`'s fresh
+	// /sys, which would hide /sys/fs/cgroup from kubelet.
+	n.holder = exec.Command("unshare", "--mount", "--propagation", "private",
+		"nsenter", "--net=/run/netns/"+n.netns, "sh", "-c", script.String())
 	n.holder.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	stdout, _ := n.holder.StdoutPipe()
 	n.holder.Stderr = os.Stderr
@@ -215,8 +219,23 @@ func killKubepods() {
 		if err != nil {
 			continue
 		}
-		if b, err := os.ReadFile("/proc/" + p.Name() + "/cgroup"); err == nil && strings.Contains(string(b), "/kubepods") {
+		if b, err := os.ReadFile("/proc/" + p.Name() + "/cgroup"); err == nil && strings.Contains(string(b), "/airadm-e2e-") {
 			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// cgroupRoot is the node's kubelet cgroupRoot: two kubelets sharing one
+// kubepods hierarchy would each kill the other's pods as orphans.
+func (n *node) cgroupRoot() string { return "/airadm-e2e-" + n.name }
+
+// makeCgroupRoot creates the node's cgroup root in every controller, as
+// kubelet requires it to exist.
+func (n *node) makeCgroupRoot() {
+	ctrls, _ := filepath.Glob("/sys/fs/cgroup/*")
+	for _, c := range ctrls {
+		if info, err := os.Stat(c); err == nil && info.IsDir() {
+			os.Mkdir(filepath.Join(c, n.cgroupRoot()), 0o755)
 		}
 	}
 }
@@ -225,6 +244,8 @@ func killKubepods() {
 func removeKubepods() {
 	var dirs []string
 	roots, _ := filepath.Glob("/sys/fs/cgroup/*/kubepods*")
+	nodeRoots, _ := filepath.Glob("/sys/fs/cgroup/*/airadm-e2e-*")
+	roots = append(roots, nodeRoots...)
 	for _, r := range roots {
 		filepath.WalkDir(r, func(p string, d os.DirEntry, err error) error {
 			if err == nil && d.IsDir() {
