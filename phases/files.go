@@ -19,29 +19,12 @@ import (
 	"airadm.dev/airadm/render"
 )
 
-// readFiles streams the bundle again and keeps its host files in memory
-// (they are small: keys, kubeconfigs, manifests). They count as verified
-// only because Read returned nil and the manifest digest is the one the
-// first pass authenticated, so a bundle swapped in between is refused.
+// readFiles returns the host files verified by the first pass.
 func (r *Run) readFiles() (map[string][]byte, error) {
-	f, err := os.Open(r.Bundle)
-	if err != nil {
-		return nil, fmt.Errorf("opening bundle: %w", err)
+	if r.files == nil {
+		return nil, fmt.Errorf("the bundle's files were not read")
 	}
-	defer f.Close()
-	files := map[string][]byte{}
-	_, digest, err := bundle.Read(f, bundle.Visitor{File: func(fe bundle.FileEntry, rd io.Reader) error {
-		b, err := io.ReadAll(rd)
-		files[fe.Path] = b
-		return err
-	}})
-	if err != nil {
-		return nil, fmt.Errorf("verifying %s: %w", r.Bundle, err)
-	}
-	if digest != r.Digest {
-		return nil, fmt.Errorf("verifying %s: it changed since it was first verified (manifest %s, was %s)", r.Bundle, digest, r.Digest)
-	}
-	return files, nil
+	return r.files, nil
 }
 
 // sameCluster refuses a host whose /etc/kubernetes belongs to another

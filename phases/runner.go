@@ -85,6 +85,9 @@ type Run struct {
 	journal  *Journal
 	client   kubernetes.Interface
 	plan     []Phase
+	// files holds the bundle's host files (small: keys, configs,
+	// manifests), kept from the verifying pass.
+	files map[string][]byte
 }
 
 // planned reports whether this run includes phase name.
@@ -133,7 +136,7 @@ func Apply(ctx context.Context, o Options) error {
 	if o.Timeout == 0 {
 		o.Timeout = 4 * time.Minute
 	}
-	m, digest, err := verifyBundle(o.Bundle, o.ManifestDigest)
+	m, digest, files, err := verifyBundle(o.Bundle, o.ManifestDigest)
 	if err != nil {
 		return err
 	}
@@ -141,7 +144,7 @@ func Apply(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
-	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan}
+	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan, files: files}
 	if !o.DryRun {
 		unlock, err := lockHost(o.Root)
 		if err != nil {
@@ -176,22 +179,29 @@ func (r *Run) logf(format string, args ...any) {
 
 func (r *Run) path(hostPath string) string { return hostfs.Path(r.Root, hostPath) }
 
-// verifyBundle reads the whole bundle once; nothing touches the host unless
-// every byte matched.
-func verifyBundle(path, trusted string) (*bundle.Manifest, string, error) {
+// verifyBundle reads the whole bundle once, keeping its host files in
+// memory; nothing touches the host unless every byte matched. Phases use
+// these files and never re-read them, so a bundle swapped on disk later
+// cannot slip unverified files in.
+func verifyBundle(path, trusted string) (*bundle.Manifest, string, map[string][]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, "", fmt.Errorf("opening bundle: %w", err)
+		return nil, "", nil, fmt.Errorf("opening bundle: %w", err)
 	}
 	defer f.Close()
-	m, digest, err := bundle.Read(f, bundle.Visitor{})
+	files := map[string][]byte{}
+	m, digest, err := bundle.Read(f, bundle.Visitor{File: func(fe bundle.FileEntry, rd io.Reader) error {
+		b, err := io.ReadAll(rd)
+		files[fe.Path] = b
+		return err
+	}})
 	if err != nil {
-		return nil, "", fmt.Errorf("verifying %s: %w", path, err)
+		return nil, "", nil, fmt.Errorf("verifying %s: %w", path, err)
 	}
 	if trusted != "" && trusted != digest {
-		return nil, "", fmt.Errorf("verifying %s: manifest digest %s is not the trusted %s", path, digest, trusted)
+		return nil, "", nil, fmt.Errorf("verifying %s: manifest digest %s is not the trusted %s", path, digest, trusted)
 	}
-	return m, digest, nil
+	return m, digest, files, nil
 }
 
 // lockHost keeps two applies from interleaving on one host.

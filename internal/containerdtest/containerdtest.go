@@ -72,7 +72,7 @@ func Config(p Paths) string {
 
 // Start runs containerd until the test ends. It fails the test, saying how
 // to get them, if containerd or runc is missing.
-func Start(t *testing.T) *Containerd {
+func Start(t testing.TB) *Containerd {
 	t.Helper()
 	bin, err := k8sbin.Path("containerd")
 	if err != nil {
