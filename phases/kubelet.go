@@ -3,6 +3,7 @@ package phases
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +11,9 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	kubeletv1beta1 "k8s.io/kubelet/config/v1beta1"
+	"sigs.k8s.io/yaml"
 
 	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/render"
@@ -92,16 +96,40 @@ func runKubelet(ctx context.Context, r *Run) error {
 	if err := writePID(r.path(kubeletPIDFile), pid); err != nil {
 		return err
 	}
-	// A kubelet that dies at once has a bad config or binary: say so now,
-	// rather than leave wait-control-plane to time out.
-	select {
-	case err := <-exited:
-		b, _ := os.ReadFile(logPath)
-		return fmt.Errorf("kubelet exited at once (%v); the end of %s:\n%s", err, kubeletLogFile, lastLines(string(b), 15))
-	case <-time.After(2 * time.Second):
+	// Wait for kubelet's healthz, or its exit: a kubelet that dies at once
+	// has a bad config or binary, and saying so now beats leaving
+	// wait-control-plane to time out.
+	healthz := fmt.Sprintf("http://127.0.0.1:%d/healthz", kubeletHealthzPort(files))
+	client := &http.Client{Timeout: time.Second}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		select {
+		case err := <-exited:
+			b, _ := os.ReadFile(logPath)
+			return fmt.Errorf("kubelet exited at once (%v); the end of %s:\n%s", err, kubeletLogFile, lastLines(string(b), 15))
+		case <-time.After(100 * time.Millisecond):
+		}
+		if resp, err := client.Get(healthz); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				r.logf("  kubelet started (pid %d), healthy, logging to %s", pid, kubeletLogFile)
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			r.logf("  kubelet started (pid %d) but %s has not answered yet; see %s", pid, healthz, kubeletLogFile)
+			return nil
+		}
 	}
-	r.logf("  kubelet started (pid %d), logging to %s", pid, kubeletLogFile)
-	return nil
+}
+
+// kubeletHealthzPort reads healthzPort from the bundle's kubelet config.
+func kubeletHealthzPort(files map[string][]byte) int32 {
+	var kc kubeletv1beta1.KubeletConfiguration
+	if yaml.Unmarshal(files[render.KubeletConfigFile], &kc) == nil && kc.HealthzPort != nil && *kc.HealthzPort > 0 {
+		return *kc.HealthzPort
+	}
+	return 10248
 }
 
 // kubeletArgs is the command line the kubeadm drop-in gives kubelet:
