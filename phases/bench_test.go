@@ -23,7 +23,6 @@ import (
 	"airadm.dev/airadm/internal/containerdtest"
 	"airadm.dev/airadm/internal/k8sbin"
 	"airadm.dev/airadm/phases"
-	"airadm.dev/airadm/render"
 )
 
 // benchBundle is a worker bundle whose three images are gzip layers of the
@@ -83,15 +82,7 @@ address = "127.0.1.21"
 	if err != nil {
 		b.Fatal(err)
 	}
-	files, _ := render.NodeFiles(c.Cluster, c.Secrets, "w1")
-	path = filepath.Join(dir, "w1.bundle")
-	f, _ := os.Create(path)
-	_, digest, err = bundle.Write(f, bundle.Contents{Cluster: "bench", Node: "w1", Role: "worker", KubernetesVersion: render.KubernetesVersion,
-		BuildTime: clustertest.Now, Files: files, Images: images}, cache)
-	f.Close()
-	if err != nil {
-		b.Fatal(err)
-	}
+	path, digest = c.Bundle(b, "w1", images, cache)
 	// The same images as an OCI layout tar, for ctr: the bundle's images/.
 	layoutTar = filepath.Join(dir, "layout.tar")
 	out, _ := os.Create(layoutTar)

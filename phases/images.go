@@ -17,8 +17,6 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sync/errgroup"
-	kubeletv1beta1 "k8s.io/kubelet/config/v1beta1"
-	"sigs.k8s.io/yaml"
 
 	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/render"
@@ -36,9 +34,9 @@ const (
 func (r *Run) criSocket(files map[string][]byte) (string, error) {
 	endpoint := r.CRISocket
 	if endpoint == "" {
-		var kc kubeletv1beta1.KubeletConfiguration
-		if err := yaml.Unmarshal(files[render.KubeletConfigFile], &kc); err != nil {
-			return "", fmt.Errorf("reading the runtime endpoint from %s: %w", render.KubeletConfigFile, err)
+		kc, err := kubeletConfig(files[render.KubeletConfigFile])
+		if err != nil {
+			return "", err
 		}
 		endpoint = kc.ContainerRuntimeEndpoint
 	}

@@ -39,18 +39,7 @@ func quickstartWorkerBundle(t *testing.T) (string, string, *render.Cluster) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	files, err := render.NodeFiles(c.Cluster, c.Secrets, "w1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var buf bytes.Buffer
-	_, d, err := bundle.Write(&buf, bundle.Contents{Cluster: c.Name, Node: "w1", Role: "worker",
-		KubernetesVersion: c.KubernetesVersion, BuildTime: clustertest.Now, Files: files, Images: images}, cache)
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "w1.bundle")
-	os.WriteFile(path, buf.Bytes(), 0o600)
+	path, d := c.Bundle(t, "w1", images, cache)
 	return path, d, c.Cluster
 }
 

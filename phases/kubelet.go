@@ -123,10 +123,19 @@ func runKubelet(ctx context.Context, r *Run) error {
 	}
 }
 
+// kubeletConfig decodes the kubelet config the bundle carries (or a host
+// file, for reset).
+func kubeletConfig(b []byte) (*kubeletv1beta1.KubeletConfiguration, error) {
+	var kc kubeletv1beta1.KubeletConfiguration
+	if err := yaml.Unmarshal(b, &kc); err != nil {
+		return nil, fmt.Errorf("reading %s: %w", render.KubeletConfigFile, err)
+	}
+	return &kc, nil
+}
+
 // kubeletHealthzPort reads healthzPort from the bundle's kubelet config.
 func kubeletHealthzPort(files map[string][]byte) int32 {
-	var kc kubeletv1beta1.KubeletConfiguration
-	if yaml.Unmarshal(files[render.KubeletConfigFile], &kc) == nil && kc.HealthzPort != nil && *kc.HealthzPort > 0 {
+	if kc, err := kubeletConfig(files[render.KubeletConfigFile]); err == nil && kc.HealthzPort != nil && *kc.HealthzPort > 0 {
 		return *kc.HealthzPort
 	}
 	return 10248

@@ -16,8 +16,6 @@ import (
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/errdefs"
-	kubeletv1beta1 "k8s.io/kubelet/config/v1beta1"
-	"sigs.k8s.io/yaml"
 
 	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/render"
@@ -56,8 +54,7 @@ func Reset(ctx context.Context, o ResetOptions) error {
 	// Read before the file goes: kubelet nests kubepods under cgroupRoot.
 	cgroupRoot := "/"
 	if b, err := os.ReadFile(hostfs.Path(o.Root, render.KubeletConfigFile)); err == nil {
-		var kc kubeletv1beta1.KubeletConfiguration
-		if yaml.Unmarshal(b, &kc) == nil && kc.CgroupRoot != "" {
+		if kc, err := kubeletConfig(b); err == nil && kc.CgroupRoot != "" {
 			cgroupRoot = kc.CgroupRoot
 		}
 	}

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"testing"
 
-	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/internal/clustertest"
 	"airadm.dev/airadm/internal/k8sbin"
@@ -66,19 +65,12 @@ address = "127.0.1.11"
 
 func writeBundle(t *testing.T, c *clustertest.Cluster) (string, string, []byte) {
 	t.Helper()
-	files, err := render.NodeFiles(c.Cluster, c.Secrets, "cp1")
+	path, digest := c.Bundle(t, "cp1", nil, nil)
+	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var buf bytes.Buffer
-	_, digest, err := bundle.Write(&buf, bundle.Contents{Cluster: "r", Node: "cp1", Role: "control-plane",
-		KubernetesVersion: render.KubernetesVersion, BuildTime: clustertest.Now, Files: files}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "cp1.bundle")
-	os.WriteFile(path, buf.Bytes(), 0o600)
-	return path, digest, buf.Bytes()
+	return path, digest, b
 }
 
 func opts(path, digest, root string) phases.Options {
@@ -227,15 +219,7 @@ address = "127.0.1.21"
 	if err != nil {
 		t.Fatal(err)
 	}
-	files, _ := render.NodeFiles(c.Cluster, c.Secrets, "w1")
-	var buf bytes.Buffer
-	_, digest, err := bundle.Write(&buf, bundle.Contents{Cluster: "r", Node: "w1", Role: "worker",
-		KubernetesVersion: render.KubernetesVersion, BuildTime: clustertest.Now, Files: files}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "w1.bundle")
-	os.WriteFile(path, buf.Bytes(), 0o600)
+	path, digest := c.Bundle(t, "w1", nil, nil)
 	root := t.TempDir()
 	o := phases.Options{Bundle: path, ManifestDigest: digest, Root: root, Node: "w1", Kubelet: phases.KubeletExec, KubeletBinary: kubelet}
 	o.Only = "files"

@@ -10,6 +10,7 @@ import (
 	"testing/cryptotest"
 	"time"
 
+	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/render"
 	"airadm.dev/airadm/secrets"
 )
@@ -71,4 +72,32 @@ func (c *Cluster) Files(t testing.TB, name string) map[string]render.File {
 		out[f.Path] = f
 	}
 	return out
+}
+
+// Bundle writes node's bundle with the given images (nil store: none) to a
+// temp file and returns its path and manifest digest.
+func (c *Cluster) Bundle(t testing.TB, node string, images []bundle.Image, store bundle.BlobStore) (string, string) {
+	t.Helper()
+	n, ok := c.Node(node)
+	if !ok {
+		t.Fatalf("no node %s", node)
+	}
+	files, err := render.NodeFiles(c.Cluster, c.Secrets, node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), node+".bundle")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	_, digest, err := bundle.Write(f, bundle.Contents{
+		Cluster: c.Name, Node: node, Role: string(n.Role), KubernetesVersion: c.KubernetesVersion,
+		BuildTime: Now, Files: files, Images: images,
+	}, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path, digest
 }

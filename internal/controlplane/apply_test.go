@@ -17,7 +17,6 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	bootstrapapi "k8s.io/cluster-bootstrap/token/api"
 
-	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/internal/clustertest"
 	"airadm.dev/airadm/internal/controlplane"
@@ -26,29 +25,10 @@ import (
 	"airadm.dev/airadm/render"
 )
 
-// writeBundle writes node's bundle (no images: containerd is not part of
-// these tests) and returns its path and manifest digest.
+// writeBundle writes node's bundle without images: containerd is not part
+// of these tests.
 func writeBundle(t *testing.T, c *clustertest.Cluster, node string) (string, string) {
-	t.Helper()
-	n, _ := c.Node(node)
-	files, err := render.NodeFiles(c.Cluster, c.Secrets, node)
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), node+".bundle")
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	_, digest, err := bundle.Write(f, bundle.Contents{
-		Cluster: c.Name, Node: node, Role: string(n.Role), KubernetesVersion: c.KubernetesVersion,
-		BuildTime: clustertest.Now, Files: files,
-	}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return path, digest
+	return c.Bundle(t, node, nil, nil)
 }
 
 func applyOpts(p *controlplane.Plane, node, path, digest string, log *bytes.Buffer) phases.Options {
