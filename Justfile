@@ -24,9 +24,9 @@ bench:
 k8sbin:
     go run ./hack/k8sbin
 
-# The tests against real Kubernetes parts only.
+# The whole story on one machine: bundles built, a control plane and a worker applied, timed against kubeadm init.
 e2e:
-    ./hack/test -run 'Oracle|Live' ./...
+    ./hack/test -v -run TestEndToEnd ./internal/e2e
 
 # Render the quickstart control plane and a worker under out/.
 quickstart:

@@ -167,6 +167,7 @@ func removeContainers(ctx context.Context, sock string) (int, error) {
 	}
 	var errs []error
 	for _, ctr := range containers {
+		var taskErr error
 		if task, err := ctr.Task(ctx, nil); err == nil {
 			task.Kill(ctx, syscall.SIGKILL)
 			if ch, err := task.Wait(ctx); err == nil {
@@ -176,12 +177,14 @@ func removeContainers(ctx context.Context, sock string) (int, error) {
 				}
 			}
 			if _, err := task.Delete(ctx, containerd.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
-				errs = append(errs, fmt.Errorf("deleting task %s: %w", ctr.ID(), err))
+				taskErr = fmt.Errorf("deleting task %s: %w", ctr.ID(), err)
 			}
 		}
-		// kubelet, still winding down, may have deleted it first.
+		// kubelet, still winding down, may have deleted it first. A task
+		// error matters only if the container then cannot go (its shim
+		// may have died with the task, closing the connection).
 		if err := ctr.Delete(ctx, containerd.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
-			errs = append(errs, fmt.Errorf("deleting container %s: %w", ctr.ID(), err))
+			errs = append(errs, fmt.Errorf("deleting container %s: %w", ctr.ID(), errors.Join(err, taskErr)))
 		}
 	}
 	return len(containers), errors.Join(errs...)

@@ -201,6 +201,7 @@ kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
 
 	network(t)
 	mountPoints(t)
+	kubeadmTime := kubeadmInit(t, ctx, kubeadm, kubelet, airadm, repo, filepath.Join(work, "out", "cp1.bundle"), c.PauseImage())
 	cp := newNode(t, "cp1", "10.77.0.11")
 	w := newNode(t, "w1", "10.77.0.21")
 	for _, n := range []*node{cp, w} {
@@ -300,8 +301,90 @@ kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
 		}
 	}
 	n, _ := ready()
-	fmt.Printf("e2e: %d/2 nodes Ready, control plane applied in %s (+%s importing images), worker joined in %s\n",
-		n, cpTime.Round(100*time.Millisecond), importTime.Round(100*time.Millisecond), joinTime.Round(100*time.Millisecond))
+	fmt.Printf("e2e: %d/2 nodes Ready, control plane applied in %s (+%s importing images; kubeadm init %s, ratio %.2f), worker joined in %s\n",
+		n, cpTime.Round(100*time.Millisecond), importTime.Round(100*time.Millisecond), kubeadmTime.Round(100*time.Millisecond),
+		float64(cpTime)/float64(kubeadmTime), joinTime.Round(100*time.Millisecond))
+}
+
+// kubeadmInit times the real `kubeadm init` of the pinned version on a
+// node of its own with the same images (imported beforehand, as airadm's
+// are), the same kubelet and containerd: the baseline for airadm apply.
+// kubeadm cannot start kubelet without systemd, so the test starts it the
+// way the kubeadm drop-in would, as soon as kubeadm has written its files.
+// The node is torn down before airadm runs, so both see the same load.
+func kubeadmInit(t *testing.T, ctx context.Context, kubeadm, kubelet, airadm, repo, cpBundle, sandbox string) time.Duration {
+	t.Helper()
+	n := newNode(t, "kcp", "10.77.0.31")
+	n.makeCgroupRoot()
+	n.startContainerd(sandbox)
+	if out, err := n.run(ctx, airadm, "apply", "phase", "images", "--node", "cp1", cpBundle); err != nil {
+		t.Fatalf("importing images for kubeadm: %v\n%s", err, out)
+	}
+	cfg := filepath.Join(n.dir, "kubeadm.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`apiVersion: kubeadm.k8s.io/v1beta4
+kind: InitConfiguration
+localAPIEndpoint:
+  advertiseAddress: %s
+  bindPort: 6443
+nodeRegistration:
+  name: kcp
+  criSocket: unix:///run/containerd/containerd.sock
+  ignorePreflightErrors: [all]
+  kubeletExtraArgs:
+  - name: node-ip
+    value: %s
+---
+apiVersion: kubeadm.k8s.io/v1beta4
+kind: ClusterConfiguration
+kubernetesVersion: %s
+imageRepository: %s
+encryptionAlgorithm: ECDSA-P256
+networking:
+  podSubnet: 10.244.0.0/16
+---
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+cgroupDriver: cgroupfs
+failCgroupV1: false
+oomScoreAdj: 0
+cgroupRoot: %s
+`, n.addr, n.addr, render.KubernetesVersion, repo, n.cgroupRoot())), 0o600)
+
+	started := make(chan error, 1)
+	go func() {
+		flags := filepath.Join(n.dir, "var_lib_kubelet", "kubeadm-flags.env")
+		config := filepath.Join(n.dir, "var_lib_kubelet", "config.yaml")
+		for ctx.Err() == nil {
+			f, err1 := os.ReadFile(flags)
+			_, err2 := os.Stat(config)
+			if err1 == nil && err2 == nil && len(f) > 0 {
+				time.Sleep(50 * time.Millisecond) // kubeadm writes config.yaml in place
+				args := []string{"--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf", "--kubeconfig=/etc/kubernetes/kubelet.conf", "--config=/var/lib/kubelet/config.yaml"}
+				v := strings.TrimPrefix(strings.TrimSpace(string(f)), "KUBELET_KUBEADM_ARGS=")
+				args = append(args, strings.Fields(strings.Trim(v, `"`))...)
+				log, _ := os.Create(filepath.Join(n.dir, "kubelet.log"))
+				cmd := n.command(context.Background(), kubelet, args...)
+				cmd.Stdout, cmd.Stderr = log, log
+				started <- cmd.Start()
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		started <- ctx.Err()
+	}()
+	start := time.Now()
+	out, err := n.run(ctx, kubeadm, "init", "--config", cfg)
+	d := time.Since(start)
+	if err != nil {
+		logs, _ := os.ReadFile(filepath.Join(n.dir, "kubelet.log"))
+		t.Fatalf("kubeadm init: %v\n%s\n--- kubelet log (end):\n%s", err, lastLines(out, 30), lastLines(string(logs), 30))
+	}
+	if err := <-started; err != nil {
+		t.Fatalf("starting kubelet for kubeadm: %v", err)
+	}
+	t.Logf("kubeadm init took %v:\n%s", d, lastLines(out, 12))
+	n.stop()
+	return d
 }
 
 func waitFor(t *testing.T, ctx context.Context, d time.Duration, what string, f func() (bool, error)) {
