@@ -28,9 +28,9 @@ import (
 // benchBundle is a worker bundle whose three images are gzip layers of the
 // real kube-proxy, kubelet and kubectl binaries (about 100 MB compressed),
 // so unpacking costs what it costs on a node.
-func benchBundle(b *testing.B) (path, digest, layoutTar string) {
+func benchBundle(b testing.TB) (path, digest, layoutTar string) {
 	b.Helper()
-	c := clustertest.New(&testing.T{}, `
+	c := clustertest.New(b, `
 name = "bench"
 [pki]
 algorithm = "ECDSA-P256"

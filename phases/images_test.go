@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/images"
@@ -131,4 +133,61 @@ func TestImagesIntoRealContainerd(t *testing.T) {
 		t.Errorf("repair output:\n%s", out.String())
 	}
 	check()
+}
+
+// TestKilledImportConverges kills `airadm apply phase images` with SIGKILL
+// part way through a 100 MB import, then runs it again: the images must
+// end up complete, named, pinned and unpacked, as after a clean run.
+func TestKilledImportConverges(t *testing.T) {
+	ctd := containerdtest.Start(t)
+	path, digest, _ := benchBundle(t)
+	airadm := filepath.Join(t.TempDir(), "airadm")
+	if out, err := exec.Command("go", "build", "-o", airadm, "..").CombinedOutput(); err != nil {
+		t.Fatalf("building airadm: %v\n%s", err, out)
+	}
+	root := t.TempDir()
+	args := []string{"apply", "phase", "images", "--root", root, "--node", "w1", "--cri-socket", ctd.Endpoint(), "--manifest-digest", digest, path}
+	cmd := exec.Command(airadm, args...)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(700 * time.Millisecond) // past verification, into the import
+	cmd.Process.Kill()
+	state, _ := cmd.Process.Wait()
+	if state.Success() {
+		t.Log("the import finished before the kill; the re-run still has to converge")
+	}
+	if out, err := exec.Command(airadm, args...).CombinedOutput(); err != nil {
+		t.Fatalf("re-run after kill -9: %v\n%s", err, out)
+	}
+	client, err := containerd.New(ctd.Socket, containerd.WithDefaultNamespace("k8s.io"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	ctx := context.Background()
+	list, err := client.ListImages(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tagged := 0
+	for _, img := range list {
+		// Skip digest references, ours and the sha256:<id> ones CRI adds.
+		if strings.Contains(img.Name(), "sha256:") {
+			continue
+		}
+		tagged++
+		if ok, err := img.IsUnpacked(ctx, "overlayfs"); err != nil || !ok {
+			t.Errorf("%s not unpacked after the re-run: %v", img.Name(), err)
+		}
+		if img.Labels()["io.cri-containerd.pinned"] != "pinned" {
+			t.Errorf("%s not pinned", img.Name())
+		}
+		if _, err := img.Size(ctx); err != nil {
+			t.Errorf("%s incomplete: %v", img.Name(), err)
+		}
+	}
+	if tagged != 3 {
+		t.Errorf("%d images after the re-run, want 3", tagged)
+	}
 }

@@ -19,10 +19,13 @@ import (
 var Now = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 
 // Seed makes the test's randomness deterministic, key generation included
-// (Go 1.26 crypto ignores custom readers, so this sets the global source).
-func Seed(t *testing.T, seed uint64) *rand.ChaCha8 {
+// (Go 1.26 crypto ignores custom readers, so this sets the global source;
+// benchmarks keep the system source, which they do not need to repeat).
+func Seed(t testing.TB, seed uint64) *rand.ChaCha8 {
 	t.Helper()
-	cryptotest.SetGlobalRandom(t, seed)
+	if tt, ok := t.(*testing.T); ok {
+		cryptotest.SetGlobalRandom(tt, seed)
+	}
 	var s [32]byte
 	s[0] = byte(seed)
 	return rand.NewChaCha8(s)
@@ -36,7 +39,7 @@ type Cluster struct {
 }
 
 // New writes config to a temp dir, parses it and issues its secrets.
-func New(t *testing.T, config string) *Cluster {
+func New(t testing.TB, config string) *Cluster {
 	t.Helper()
 	rnd := Seed(t, 1)
 	dir := t.TempDir()
