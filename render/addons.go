@@ -162,6 +162,8 @@ func (c *Cluster) kubeProxyConfiguration() ([]byte, error) {
 	cfg := kubeproxyv1alpha1.KubeProxyConfiguration{
 		TypeMeta:    typeMeta("kubeproxy.config.k8s.io/v1alpha1", "KubeProxyConfiguration"),
 		BindAddress: "0.0.0.0",
+		// kubeadm writes the mode out (TestOracleAddons caught its absence).
+		Mode: "iptables",
 	}
 	if c.ServiceSubnet.Addr().Is6() {
 		cfg.BindAddress = "::"

@@ -3,6 +3,7 @@ package render_test
 import (
 	"bytes"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"k8s.io/client-go/tools/clientcmd"
+	"sigs.k8s.io/yaml"
 
 	"airadm.dev/airadm/internal/clustertest"
 	"airadm.dev/airadm/internal/k8sbin"
@@ -270,5 +272,131 @@ func compareKubeconfig(t *testing.T, name string, theirsData, mineData []byte) {
 	if len(theirs.AuthInfos) != len(mine.AuthInfos) || len(theirs.Contexts) != len(mine.Contexts) {
 		t.Errorf("%s: kubeadm has %d users/%d contexts, airadm %d/%d", name,
 			len(theirs.AuthInfos), len(theirs.Contexts), len(mine.AuthInfos), len(mine.Contexts))
+	}
+}
+
+// TestOracleAddons compares the CoreDNS and kube-proxy objects with what
+// the real kubeadm's `init phase addon all --dry-run` would create.
+func TestOracleAddons(t *testing.T) {
+	kubeadm, err := k8sbin.Path("kubeadm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := clustertest.New(t, `
+name = "oracle"
+[network]
+pod_subnet = "10.244.0.0/16"
+[pki]
+algorithm = "ECDSA-P256"
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "10.0.0.11"
+`)
+	ours := c.Files(t, "cp1")
+	dir := t.TempDir()
+	dry := filepath.Join(dir, "dry")
+	os.MkdirAll(dry, 0o755)
+	// The dry run reads admin.conf from its directory to build a client.
+	os.WriteFile(filepath.Join(dry, "admin.conf"), ours[render.KubernetesDir+"/admin.conf"].Data, 0o600)
+	cfgPath := filepath.Join(dir, "kubeadm.yaml")
+	os.WriteFile(cfgPath, []byte(`apiVersion: kubeadm.k8s.io/v1beta4
+kind: InitConfiguration
+localAPIEndpoint:
+  advertiseAddress: 10.0.0.11
+  bindPort: 6443
+nodeRegistration:
+  name: cp1
+---
+`+string(ours[render.KubeadmConfigFile].Data)), 0o600)
+	cmd := exec.Command(kubeadm, "init", "phase", "addon", "all", "--config", cfgPath, "--dry-run")
+	cmd.Env = append(os.Environ(), "KUBEADM_INIT_DRYRUN_DIR="+dry)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("kubeadm: %v\n%s", err, out)
+	}
+	theirs := map[string]map[string]any{}
+	for _, chunk := range strings.Split(string(out), "[dryrun] Attached object:\n")[1:] {
+		// An object ends at the first blank line (then come log lines).
+		doc, _, _ := strings.Cut(chunk, "\n\n")
+		var m map[string]any
+		if err := yaml.Unmarshal([]byte(doc), &m); err != nil {
+			t.Fatalf("kubeadm object: %v\n%s", err, doc)
+		}
+		theirs[objectKey(m)] = m
+	}
+	mine := map[string]map[string]any{}
+	for _, doc := range render.SplitYAML(ours[render.AddonsFile].Data) {
+		var m map[string]any
+		if err := yaml.Unmarshal(doc, &m); err != nil {
+			t.Fatal(err)
+		}
+		mine[objectKey(m)] = m
+	}
+	if len(theirs) != len(mine) {
+		t.Errorf("kubeadm creates %d addon objects, airadm %d: %v / %v", len(theirs), len(mine), keys(theirs), keys(mine))
+	}
+	for k, want := range theirs {
+		got, ok := mine[k]
+		if !ok {
+			t.Errorf("airadm lacks %s", k)
+			continue
+		}
+		normalize(want)
+		normalize(got)
+		wj, _ := json.MarshalIndent(want, "", " ")
+		gj, _ := json.MarshalIndent(got, "", " ")
+		if string(wj) != string(gj) {
+			t.Errorf("%s differs from kubeadm's:\n--- kubeadm\n%s\n--- airadm\n%s", k, wj, gj)
+		}
+	}
+}
+
+func objectKey(m map[string]any) string {
+	meta, _ := m["metadata"].(map[string]any)
+	return fmt.Sprintf("%v %v/%v", m["kind"], meta["namespace"], meta["name"])
+}
+
+func keys(m map[string]map[string]any) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// normalize drops what only a server or kubeadm's own bookkeeping sets,
+// and decodes the kube-proxy ConfigMap's embedded documents so they compare
+// by content, not by formatting.
+func normalize(m map[string]any) {
+	meta, _ := m["metadata"].(map[string]any)
+	delete(meta, "creationTimestamp")
+	delete(meta, "resourceVersion")
+	// kubeadm marks component configs it generated, to tell them from
+	// user-supplied ones on upgrade; see docs/kubeadm-compatibility.md.
+	if ann, ok := meta["annotations"].(map[string]any); ok {
+		delete(ann, "kubeadm.kubernetes.io/component-config.hash")
+		if len(ann) == 0 {
+			delete(meta, "annotations")
+		}
+	}
+	delete(m, "status")
+	if spec, ok := m["spec"].(map[string]any); ok {
+		if tmpl, ok := spec["template"].(map[string]any); ok {
+			if tm, ok := tmpl["metadata"].(map[string]any); ok {
+				delete(tm, "creationTimestamp")
+			}
+		}
+	}
+	if data, ok := m["data"].(map[string]any); ok {
+		for k, v := range data {
+			if s, ok := v.(string); ok && (k == "config.conf" || k == "kubeconfig.conf") {
+				var doc any
+				if yaml.Unmarshal([]byte(s), &doc) == nil {
+					data[k] = doc
+				}
+			}
+		}
 	}
 }
