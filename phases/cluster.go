@@ -116,7 +116,7 @@ func runUploadConfig(ctx context.Context, r *Run) error {
 	cms := cs.CoreV1().ConfigMaps(metav1.NamespaceSystem)
 	for _, cm := range []*corev1.ConfigMap{
 		{ObjectMeta: metav1.ObjectMeta{Name: "kubeadm-config", Namespace: metav1.NamespaceSystem}, Data: map[string]string{"ClusterConfiguration": string(clusterCfg)}},
-		{ObjectMeta: metav1.ObjectMeta{Name: "kubelet-config", Namespace: metav1.NamespaceSystem}, Data: map[string]string{"kubelet": string(kubeletCfg)}},
+		render.SignComponentConfig(&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "kubelet-config", Namespace: metav1.NamespaceSystem}, Data: map[string]string{"kubelet": string(kubeletCfg)}}),
 	} {
 		if err := createOrUpdate(ctx, cms, cm, keepVersion); err != nil {
 			return err

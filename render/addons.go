@@ -2,7 +2,10 @@ package render
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"fmt"
+	"maps"
+	"slices"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -157,6 +160,28 @@ func (c *Cluster) coreDNS() []any {
 	}
 }
 
+// ComponentConfigHashAnnotation marks a component config ConfigMap as
+// generated (not edited by a user); `kubeadm upgrade` checks it.
+const ComponentConfigHashAnnotation = "kubeadm.kubernetes.io/component-config.hash"
+
+// SignComponentConfig annotates cm with kubeadm's checksum
+// (componentconfigs.ChecksumForConfigMap: sha256 over the Data values in
+// key order, then BinaryData).
+func SignComponentConfig(cm *corev1.ConfigMap) *corev1.ConfigMap {
+	h := sha256.New()
+	for _, k := range slices.Sorted(maps.Keys(cm.Data)) {
+		h.Write([]byte(cm.Data[k]))
+	}
+	for _, k := range slices.Sorted(maps.Keys(cm.BinaryData)) {
+		h.Write(cm.BinaryData[k])
+	}
+	if cm.Annotations == nil {
+		cm.Annotations = map[string]string{}
+	}
+	cm.Annotations[ComponentConfigHashAnnotation] = fmt.Sprintf("sha256:%x", h.Sum(nil))
+	return cm
+}
+
 // kubeProxyConfiguration is kubeadm's default KubeProxyConfiguration.
 func (c *Cluster) kubeProxyConfiguration() ([]byte, error) {
 	cfg := kubeproxyv1alpha1.KubeProxyConfiguration{
@@ -201,8 +226,8 @@ func (c *Cluster) kubeProxy() ([]any, error) {
 		&rbacv1.RoleBinding{TypeMeta: typeMeta("rbac.authorization.k8s.io/v1", "RoleBinding"), ObjectMeta: system("kube-proxy", nil),
 			RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: "kube-proxy"},
 			Subjects: []rbacv1.Subject{{Kind: rbacv1.GroupKind, Name: "system:bootstrappers:kubeadm:default-node-token"}}},
-		&corev1.ConfigMap{TypeMeta: typeMeta("v1", "ConfigMap"), ObjectMeta: system("kube-proxy", map[string]string{"app": "kube-proxy"}),
-			Data: map[string]string{"kubeconfig.conf": string(kubeconfig), "config.conf": string(proxyCfg)}},
+		SignComponentConfig(&corev1.ConfigMap{TypeMeta: typeMeta("v1", "ConfigMap"), ObjectMeta: system("kube-proxy", map[string]string{"app": "kube-proxy"}),
+			Data: map[string]string{"kubeconfig.conf": string(kubeconfig), "config.conf": string(proxyCfg)}}),
 		&appsv1.DaemonSet{TypeMeta: typeMeta("apps/v1", "DaemonSet"), ObjectMeta: system("kube-proxy", labels),
 			Spec: appsv1.DaemonSetSpec{
 				Selector:       &metav1.LabelSelector{MatchLabels: labels},

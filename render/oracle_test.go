@@ -2,6 +2,7 @@ package render_test
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/yaml"
 
@@ -373,8 +375,9 @@ func normalize(m map[string]any) {
 	meta, _ := m["metadata"].(map[string]any)
 	delete(meta, "creationTimestamp")
 	delete(meta, "resourceVersion")
-	// kubeadm marks component configs it generated, to tell them from
-	// user-supplied ones on upgrade; see docs/kubeadm-compatibility.md.
+	// The checksum covers the stored bytes, which differ in formatting
+	// (kubeadm templates its kubeconfig.conf); TestComponentConfigSigned
+	// checks airadm's is right for its own bytes.
 	if ann, ok := meta["annotations"].(map[string]any); ok {
 		delete(ann, "kubeadm.kubernetes.io/component-config.hash")
 		if len(ann) == 0 {
@@ -398,5 +401,17 @@ func normalize(m map[string]any) {
 				}
 			}
 		}
+	}
+}
+
+// TestComponentConfigSigned: the kube-proxy ConfigMap carries kubeadm's
+// checksum annotation, computed as kubeadm computes it, so `kubeadm upgrade`
+// treats it as generated rather than user-edited.
+func TestComponentConfigSigned(t *testing.T) {
+	cm := &corev1.ConfigMap{Data: map[string]string{"b": "2", "a": "1"}}
+	render.SignComponentConfig(cm)
+	sum := sha256.Sum256([]byte("12"))
+	if got, want := cm.Annotations[render.ComponentConfigHashAnnotation], fmt.Sprintf("sha256:%x", sum); got != want {
+		t.Errorf("checksum %s, want %s (values in key order)", got, want)
 	}
 }
