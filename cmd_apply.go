@@ -23,6 +23,7 @@ type applyFlags struct {
 	Node                  string   `help:"Apply even though the host name differs from the bundle's node."`
 	IgnorePreflightErrors []string `sep:"," help:"Preflight checks to ignore by name, or all."`
 	CRISocket             string   `name:"cri-socket" help:"Container runtime endpoint (default: the bundle's kubelet config)."`
+	ContainerdConfig      string   `help:"containerd's config file, read for its sandbox image (default: /etc/containerd/config.toml)."`
 	Kubelet               string   `enum:"systemd,exec," default:"" help:"How to start kubelet: systemd or exec (default: systemd where it runs)."`
 	KubeletBinary         string   `default:"/usr/bin/kubelet" help:"The kubelet binary, in exec mode."`
 }
@@ -35,7 +36,7 @@ func (f applyFlags) options(env *Env, bundlePath string) (phases.Options, error)
 	return phases.Options{
 		Bundle: bundlePath, ManifestDigest: digest, Root: f.Root, DryRun: f.DryRun, Node: f.Node,
 		IgnorePreflight: f.IgnorePreflightErrors, Out: env.Stdout, Now: env.Now,
-		CRISocket: f.CRISocket, Kubelet: f.Kubelet, KubeletBinary: f.KubeletBinary,
+		CRISocket: f.CRISocket, ContainerdConfig: f.ContainerdConfig, Kubelet: f.Kubelet, KubeletBinary: f.KubeletBinary,
 		Progress: newProgress(env).line,
 	}, nil
 }

@@ -2,7 +2,9 @@ package phases
 
 import (
 	"context"
+
 	"fmt"
+	"github.com/BurntSushi/toml"
 	"net"
 	"os"
 	"slices"
@@ -139,15 +141,64 @@ func checkSwap(_ *Run, _ map[string][]byte) ([]string, error) {
 	return nil, nil
 }
 
-// checkSandboxImage: without the pause image in the bundle, an air-gapped
-// containerd cannot start any pod.
+// checkSandboxImage: an air-gapped containerd cannot pull, so the pause
+// image its config names must be one the bundle carries, or no pod starts.
 func checkSandboxImage(r *Run, _ map[string][]byte) ([]string, error) {
+	want, from, err := r.sandboxImage()
+	if err != nil {
+		return nil, err
+	}
+	var pauses []string
 	for _, im := range r.Manifest.Images {
-		if strings.Contains(im.Ref, "/pause:") {
+		if im.Ref == want {
 			return nil, nil
 		}
+		if strings.Contains(im.Ref, "/pause:") {
+			pauses = append(pauses, im.Ref)
+		}
 	}
-	return nil, fmt.Errorf("the bundle carries no pause image, which containerd needs for every pod sandbox")
+	if len(pauses) == 0 {
+		return nil, fmt.Errorf("the bundle carries no pause image, and containerd needs %s (%s) for every pod sandbox", want, from)
+	}
+	return nil, fmt.Errorf("containerd will use %s (%s) for pod sandboxes but the bundle carries %s; set pinned_images.sandbox in containerd's config to it", want, from, strings.Join(pauses, ", "))
+}
+
+// containerdDefaultSandbox is containerd 2.4's built-in pinned sandbox.
+const containerdDefaultSandbox = "registry.k8s.io/pause:3.10.2"
+
+// sandboxImage reads the pod sandbox image from containerd's config file:
+// pinned_images.sandbox (containerd 2) or sandbox_image (containerd 1.x),
+// else containerd's default.
+func (r *Run) sandboxImage() (image, from string, err error) {
+	path := r.ContainerdConfig
+	if path == "" {
+		path = r.path("/etc/containerd/config.toml")
+	}
+	b, err := os.ReadFile(path)
+	if os.IsNotExist(err) {
+		return containerdDefaultSandbox, "containerd's default; no " + path, nil
+	}
+	if err != nil {
+		return "", "", fmt.Errorf("reading containerd's config: %w", err)
+	}
+	var cfg map[string]any
+	if _, err := toml.Decode(string(b), &cfg); err != nil {
+		return "", "", fmt.Errorf("reading containerd's config %s: %w", path, err)
+	}
+	plugins, _ := cfg["plugins"].(map[string]any)
+	if images, ok := plugins["io.containerd.cri.v1.images"].(map[string]any); ok {
+		if pinned, ok := images["pinned_images"].(map[string]any); ok {
+			if s, ok := pinned["sandbox"].(string); ok && s != "" {
+				return s, path, nil
+			}
+		}
+	}
+	if cri, ok := plugins["io.containerd.grpc.v1.cri"].(map[string]any); ok {
+		if s, ok := cri["sandbox_image"].(string); ok && s != "" {
+			return s, path, nil
+		}
+	}
+	return containerdDefaultSandbox, "containerd's default", nil
 }
 
 // checkContainerd: the images phase needs the runtime answering.

@@ -69,6 +69,9 @@ type Options struct {
 	Progress func(string)
 	// CRISocket overrides the bundle's containerRuntimeEndpoint.
 	CRISocket string
+	// ContainerdConfig is containerd's config file, for the sandbox image
+	// check (default: /etc/containerd/config.toml under Root).
+	ContainerdConfig string
 	// Kubelet is KubeletSystemd or KubeletExec; empty picks systemd where
 	// it is running. KubeletBinary is used in exec mode.
 	Kubelet, KubeletBinary string

@@ -224,7 +224,8 @@ kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
 		t.Helper()
 		start := time.Now()
 		args = append([]string{"apply"}, args...)
-		args = append(args, "--node", n.name, "--kubelet", "exec", "--kubelet-binary", kubelet, filepath.Join(work, "out", n.name+".bundle"))
+		args = append(args, "--node", n.name, "--kubelet", "exec", "--kubelet-binary", kubelet,
+			"--containerd-config", filepath.Join(n.dir, "containerd.toml"), filepath.Join(work, "out", n.name+".bundle"))
 		out, err := n.run(ctx, airadm, args...)
 		if err != nil {
 			logs, _ := os.ReadFile(filepath.Join(n.dir, "var_log_airadm", "kubelet.log"))
