@@ -101,9 +101,9 @@ func runUploadConfig(ctx context.Context, r *Run) error {
 	if err != nil {
 		return err
 	}
-	clusterCfg, kubeletCfg := files[render.KubeadmConfigFile], files[render.KubeletConfigFile]
+	clusterCfg, kubeletCfg := files[render.KubeadmConfigFile], files[render.ClusterKubeletConfigFile]
 	if clusterCfg == nil || kubeletCfg == nil {
-		return fmt.Errorf("the bundle lacks %s or %s", render.KubeadmConfigFile, render.KubeletConfigFile)
+		return fmt.Errorf("the bundle lacks %s or %s", render.KubeadmConfigFile, render.ClusterKubeletConfigFile)
 	}
 	if r.DryRun {
 		r.logf("  would store ConfigMaps kube-system/kubeadm-config and kube-system/kubelet-config with their RBAC")

@@ -109,6 +109,26 @@ func (c *Cluster) kubeadmKubeletConfiguration() *kubeletv1beta1.KubeletConfigura
 	}
 }
 
+// ClusterKubeletConfigFile is the cluster-wide kubelet config that
+// upload-config stores in the kubelet-config ConfigMap, for `kubeadm join`
+// and `kubeadm upgrade`: [kubelet.config] without any node's
+// kubelet_config, and without the instance's runtime endpoint, as kubeadm
+// keeps that in each node's instance-config.yaml.
+const ClusterKubeletConfigFile = AiradmStateDir + "/kubelet-config.yaml"
+
+func (c *Cluster) clusterKubeletConfigYAML() ([]byte, error) {
+	kc, err := c.KubeletConfiguration(Node{})
+	if err != nil {
+		return nil, err
+	}
+	kc.ContainerRuntimeEndpoint = ""
+	b, err := yaml.Marshal(kc)
+	if err != nil {
+		return nil, fmt.Errorf("encoding kubelet configuration: %w", err)
+	}
+	return b, nil
+}
+
 func (c *Cluster) kubeletConfigYAML(n Node) ([]byte, error) {
 	kc, err := c.KubeletConfiguration(n)
 	if err != nil {

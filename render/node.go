@@ -166,6 +166,11 @@ func (c *Cluster) controlPlaneFiles(s *Secrets, n Node) ([]File, error) {
 		return nil, err
 	}
 	files = append(files, File{KubeadmConfigFile, 0o644, kc})
+	clusterKubelet, err := c.clusterKubeletConfigYAML()
+	if err != nil {
+		return nil, err
+	}
+	files = append(files, File{ClusterKubeletConfigFile, 0o644, clusterKubelet})
 	addons, err := c.addons()
 	if err != nil {
 		return nil, err

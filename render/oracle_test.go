@@ -141,6 +141,30 @@ nodeRegistration:
 				}
 			}
 
+			// upload-config's kubelet-config ConfigMap (the dry run needs a
+			// kubeconfig in its directory to build its fake client).
+			os.WriteFile(filepath.Join(dry, "admin.conf"), read(filepath.Join(kcDir, "admin.conf")), 0o600)
+			uploaded := run("init", "phase", "upload-config", "kubelet", "--config", cfgPath, "--dry-run")
+			found := false
+			for _, chunk := range strings.Split(uploaded, "[dryrun] Attached object:\n")[1:] {
+				doc, _, _ := strings.Cut(chunk, "\n\n")
+				var cm corev1.ConfigMap
+				if yaml.Unmarshal([]byte(doc), &cm) != nil || cm.Name != "kubelet-config" {
+					continue
+				}
+				theirs := strings.ReplaceAll(cm.Data["kubelet"], pkiDir, render.PKIDir)
+				if mine := string(ours[render.ClusterKubeletConfigFile].Data); theirs != mine {
+					t.Errorf("kubelet-config ConfigMap differs from kubeadm's:\n--- kubeadm\n%s\n--- airadm\n%s", theirs, mine)
+				}
+				if cm.Annotations[render.ComponentConfigHashAnnotation] == "" {
+					t.Error("kubeadm no longer signs the kubelet-config ConfigMap; revisit SignComponentConfig")
+				}
+				found = true
+			}
+			if !found {
+				t.Errorf("no kubelet-config ConfigMap in kubeadm's dry run:\n%s", uploaded)
+			}
+
 			compareCerts(t, pkiDir, ours)
 			for _, kc := range []string{"admin.conf", "super-admin.conf", "controller-manager.conf", "scheduler.conf", "kubelet.conf"} {
 				compareKubeconfig(t, kc, read(filepath.Join(kcDir, kc)), ours[render.KubernetesDir+"/"+kc].Data)
