@@ -9,6 +9,9 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"log"
@@ -186,6 +189,11 @@ name = "w1"
 role = "worker"
 address = "10.77.0.21"
 kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
+[[nodes]]
+# joins with the real kubeadm join, using the token airadm published
+name = "w2"
+role = "worker"
+address = "10.77.0.22"
 `, repo)), 0o644)
 	c, err := render.Load(cfg)
 	if err != nil {
@@ -214,7 +222,7 @@ kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
 		os.WriteFile(filepath.Join(n.dir, "etc_cni_net.d", "10-e2e.conflist"), []byte(fmt.Sprintf(cniConfig, subnet)), 0o644)
 	}
 	t.Cleanup(func() {
-		for _, n := range []*node{w, cp} {
+		for _, n := range []*node{w, cp} { // w2 is kubeadm's; its node teardown kills it
 			if out, err := n.run(context.Background(), airadm, "reset", "--force"); err != nil {
 				t.Logf("reset %s: %v\n%s", n.name, err, out)
 			}
@@ -264,9 +272,21 @@ kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
 		}
 		return n, nil
 	}
-	waitFor(t, ctx, 3*time.Minute, "both nodes Ready", func() (bool, error) {
+	tokenBytes, err := os.ReadFile(filepath.Join(work, "secrets", "tokens", "w2.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	caPEM, _ := os.ReadFile(filepath.Join(cp.dir, "etc_kubernetes", "pki", "ca.crt"))
+	block, _ := pem.Decode(caPEM)
+	ca, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubeadmJoin(t, ctx, kubeadm, kubelet, airadm, filepath.Join(work, "out", "w2.bundle"), strings.TrimSpace(string(tokenBytes)), ca, c.PauseImage())
+
+	waitFor(t, ctx, 3*time.Minute, "all three nodes Ready", func() (bool, error) {
 		n, err := ready()
-		return n == 2, err
+		return n == 3, err
 	})
 
 	pod := &corev1.Pod{
@@ -302,7 +322,7 @@ kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
 		}
 	}
 	n, _ := ready()
-	fmt.Printf("e2e: %d/2 nodes Ready, control plane applied in %s (+%s importing images; kubeadm init %s, ratio %.2f), worker joined in %s\n",
+	fmt.Printf("e2e: %d/3 nodes Ready (w2 joined by the real kubeadm join), control plane applied in %s (+%s importing images; kubeadm init %s, ratio %.2f), worker joined in %s\n",
 		n, cpTime.Round(100*time.Millisecond), importTime.Round(100*time.Millisecond), kubeadmTime.Round(100*time.Millisecond),
 		float64(cpTime)/float64(kubeadmTime), joinTime.Round(100*time.Millisecond))
 }
@@ -351,6 +371,26 @@ oomScoreAdj: 0
 cgroupRoot: %s
 `, n.addr, n.addr, render.KubernetesVersion, repo, n.cgroupRoot())), 0o600)
 
+	started := n.startKubeletWhenConfigured(ctx, kubelet)
+	start := time.Now()
+	out, err := n.run(ctx, kubeadm, "init", "--config", cfg)
+	d := time.Since(start)
+	if err != nil {
+		logs, _ := os.ReadFile(filepath.Join(n.dir, "kubelet.log"))
+		t.Fatalf("kubeadm init: %v\n%s\n--- kubelet log (end):\n%s", err, lastLines(out, 30), lastLines(string(logs), 30))
+	}
+	if err := <-started; err != nil {
+		t.Fatalf("starting kubelet for kubeadm: %v", err)
+	}
+	t.Logf("kubeadm init took %v:\n%s", d, lastLines(out, 12))
+	n.stop()
+	return d
+}
+
+// startKubeletWhenConfigured starts kubelet the way the kubeadm drop-in
+// would, as soon as kubeadm has written its config and flags: kubeadm
+// cannot start it without systemd.
+func (n *node) startKubeletWhenConfigured(ctx context.Context, kubelet string) <-chan error {
 	started := make(chan error, 1)
 	go func() {
 		flags := filepath.Join(n.dir, "var_lib_kubelet", "kubeadm-flags.env")
@@ -373,19 +413,53 @@ cgroupRoot: %s
 		}
 		started <- ctx.Err()
 	}()
-	start := time.Now()
-	out, err := n.run(ctx, kubeadm, "init", "--config", cfg)
-	d := time.Since(start)
+	return started
+}
+
+// kubeadmJoin joins w2 with the real `kubeadm join`, discovering the
+// cluster through the cluster-info and RBAC airadm published, with the
+// token airadm issued: kubeadm's own tooling can grow the cluster.
+func kubeadmJoin(t *testing.T, ctx context.Context, kubeadm, kubelet, airadm, bundle, token string, ca *x509.Certificate, sandbox string) {
+	t.Helper()
+	n := newNode(t, "w2", "10.77.0.22")
+	n.makeCgroupRoot()
+	n.startContainerd(sandbox)
+	if out, err := n.run(ctx, airadm, "apply", "phase", "images", "--node", "w2", bundle); err != nil {
+		t.Fatalf("importing images for w2: %v\n%s", err, out)
+	}
+	os.WriteFile(filepath.Join(n.dir, "etc_cni_net.d", "10-e2e.conflist"), []byte(fmt.Sprintf(cniConfig, "10.244.2.0/24")), 0o644)
+	sum := sha256.Sum256(ca.RawSubjectPublicKeyInfo)
+	patches := filepath.Join(n.dir, "patches")
+	os.MkdirAll(patches, 0o755)
+	os.WriteFile(filepath.Join(patches, "kubeletconfiguration+strategic.yaml"), []byte("cgroupRoot: "+n.cgroupRoot()+"\n"), 0o644)
+	cfg := filepath.Join(n.dir, "join.yaml")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`apiVersion: kubeadm.k8s.io/v1beta4
+kind: JoinConfiguration
+discovery:
+  bootstrapToken:
+    apiServerEndpoint: 10.77.0.11:6443
+    token: %s
+    caCertHashes: ["sha256:%x"]
+nodeRegistration:
+  name: w2
+  criSocket: unix:///run/containerd/containerd.sock
+  ignorePreflightErrors: [all]
+  kubeletExtraArgs:
+  - name: node-ip
+    value: %s
+patches:
+  directory: %s
+`, token, sum, n.addr, patches)), 0o600)
+	started := n.startKubeletWhenConfigured(ctx, kubelet)
+	out, err := n.run(ctx, kubeadm, "join", "--config", cfg)
 	if err != nil {
 		logs, _ := os.ReadFile(filepath.Join(n.dir, "kubelet.log"))
-		t.Fatalf("kubeadm init: %v\n%s\n--- kubelet log (end):\n%s", err, lastLines(out, 30), lastLines(string(logs), 30))
+		t.Fatalf("kubeadm join: %v\n%s\n--- kubelet log (end):\n%s", err, lastLines(out, 30), lastLines(string(logs), 30))
 	}
 	if err := <-started; err != nil {
-		t.Fatalf("starting kubelet for kubeadm: %v", err)
+		t.Fatalf("starting kubelet for kubeadm join: %v", err)
 	}
-	t.Logf("kubeadm init took %v:\n%s", d, lastLines(out, 12))
-	n.stop()
-	return d
+	t.Logf("kubeadm join:\n%s", lastLines(out, 8))
 }
 
 func waitFor(t *testing.T, ctx context.Context, d time.Duration, what string, f func() (bool, error)) {
