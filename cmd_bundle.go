@@ -30,7 +30,15 @@ type BuildCmd struct {
 	Out   string   `short:"o" default:"out" help:"Directory for <node>.bundle and SHA256SUMS."`
 	Cache string   `help:"Image blob cache shared by all builds (default: the user cache directory)."`
 	Jobs  int      `default:"4" help:"Concurrent image transfers."`
+	JSON  bool     `name:"json" help:"Print the bundles as a JSON array."`
 	Nodes []string `arg:"" optional:"" help:"Nodes to build (default: all)."`
+}
+
+type builtBundle struct {
+	Node           string `json:"node"`
+	Bundle         string `json:"bundle"`
+	SHA256         string `json:"sha256"`
+	ManifestDigest string `json:"manifestDigest"`
 }
 
 func defaultCacheDir() (string, error) {
@@ -123,6 +131,7 @@ func (cmd *BuildCmd) Run(env *Env) error {
 	}
 	sums := map[string]string{}
 	manifests := map[string]string{}
+	var built []builtBundle
 	for _, name := range nodes {
 		n, _ := c.Node(name)
 		files, err := render.NodeFiles(c, s, name)
@@ -153,9 +162,18 @@ func (cmd *BuildCmd) Run(env *Env) error {
 		}
 		sums[name+".bundle"] = hex.EncodeToString(whole.Sum(nil))
 		manifests[name+".bundle"] = manifestDigest
-		fmt.Fprintf(env.Stdout, "%s  manifest %s\n", path, manifestDigest)
+		built = append(built, builtBundle{Node: name, Bundle: path, SHA256: sums[name+".bundle"], ManifestDigest: manifestDigest})
+		if !cmd.JSON {
+			fmt.Fprintf(env.Stdout, "%s  manifest %s\n", path, manifestDigest)
+		}
 	}
-	return writeSums(filepath.Join(cmd.Out, "SHA256SUMS"), sums, manifests)
+	if err := writeSums(filepath.Join(cmd.Out, "SHA256SUMS"), sums, manifests); err != nil {
+		return err
+	}
+	if cmd.JSON {
+		return json.NewEncoder(env.Stdout).Encode(built)
+	}
+	return nil
 }
 
 // writeSums updates SHA256SUMS: sha256sum-compatible lines for each bundle,
