@@ -13,6 +13,8 @@ import (
 
 	"github.com/alecthomas/kong"
 
+	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/phases"
 	"airadm.dev/airadm/render"
 )
 
@@ -88,8 +90,9 @@ func run(args []string, env *Env) (code int) {
 func report(w io.Writer, err error) int {
 	code := 1
 	var ue usageError
-	if errors.As(err, &ue) {
-		code = 2
+	var be *bundle.EntryError
+	if errors.As(err, &ue) || errors.As(err, &be) || errors.Is(err, phases.ErrUntrusted) {
+		code = 2 // bad input: a damaged, truncated or unvouched-for bundle
 	}
 	var ce *render.ConfigError
 	if errors.As(err, &ce) {

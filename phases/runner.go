@@ -22,6 +22,10 @@ import (
 	"airadm.dev/airadm/render"
 )
 
+// ErrUntrusted means the bundle is intact but not the one the operator's
+// digest (or SHA256SUMS) vouches for.
+var ErrUntrusted = errors.New("the bundle is not the one that was built")
+
 // Phase is one step of apply, declared as data.
 type Phase struct {
 	Name  string
@@ -202,7 +206,7 @@ func verifyBundle(path, trusted string) (*bundle.Manifest, string, map[string][]
 		return nil, "", nil, fmt.Errorf("verifying %s: %w", path, err)
 	}
 	if trusted != "" && trusted != digest {
-		return nil, "", nil, fmt.Errorf("verifying %s: manifest digest %s is not the trusted %s", path, digest, trusted)
+		return nil, "", nil, fmt.Errorf("verifying %s: manifest digest %s is not the trusted %s: %w", path, digest, trusted, ErrUntrusted)
 	}
 	return m, digest, files, nil
 }
