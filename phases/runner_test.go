@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/internal/clustertest"
@@ -272,5 +273,39 @@ func TestResetRemovesWhatApplyWrote(t *testing.T) {
 	// A second reset finds nothing to do and succeeds.
 	if err := phases.Reset(context.Background(), phases.ResetOptions{Root: root}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestPreflightRefusesWrongNodeAndClock: a bundle for another host, and a
+// clock behind the certificates, are both reported, at once, and nothing
+// is written.
+func TestPreflightRefusesWrongNodeAndClock(t *testing.T) {
+	c := clustertest.New(t, cfg)
+	path, digest, _ := writeBundle(t, c)
+	root := t.TempDir()
+	var out bytes.Buffer
+	err := phases.Apply(context.Background(), phases.Options{
+		Bundle: path, ManifestDigest: digest, Root: root, Node: "cp9", Out: &out,
+		IgnorePreflight: []string{"ports", "sandbox-image"},
+		Now:             func() time.Time { return clustertest.Now.Add(-time.Hour) },
+		SkipPhases:      []string{"images", "kubelet", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"},
+	})
+	if err == nil {
+		t.Fatal("preflight passed")
+	}
+	for _, want := range []string{
+		"2 checks failed",
+		"node: the bundle is for node cp1, not cp9",
+		"clock: the clock reads 2026-01-02T02:04:05Z, before the cluster CA's NotBefore 2026-01-02T02:59:05Z",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("err = %v\nwant it to contain %q", err, want)
+		}
+	}
+	if entries, _ := os.ReadDir(root); len(entries) > 1 { // the lock's directory only
+		t.Errorf("preflight failure left %d entries", len(entries))
+	}
+	if _, err := os.Stat(hostfs.Path(root, "/etc/kubernetes")); !os.IsNotExist(err) {
+		t.Error("files were written despite failed preflight")
 	}
 }
