@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"time"
 
 	"airadm.dev/airadm/phases"
 )
@@ -17,15 +18,16 @@ type ApplyCmd struct {
 }
 
 type applyFlags struct {
-	ManifestDigest        string   `help:"Manifest digest to authenticate the bundle against (default: SHA256SUMS beside it)."`
-	Root                  string   `default:"/" help:"Treat DIR as the host's / (tests, image building)."`
-	DryRun                bool     `help:"Print what each phase would do; change nothing."`
-	Node                  string   `help:"Apply even though the host name differs from the bundle's node."`
-	IgnorePreflightErrors []string `sep:"," help:"Preflight checks to ignore by name, or all."`
-	CRISocket             string   `name:"cri-socket" help:"Container runtime endpoint (default: the bundle's kubelet config)."`
-	ContainerdConfig      string   `help:"containerd's config file, read for its sandbox image (default: /etc/containerd/config.toml)."`
-	Kubelet               string   `enum:"systemd,exec," default:"" help:"How to start kubelet: systemd or exec (default: systemd where it runs)."`
-	KubeletBinary         string   `default:"/usr/bin/kubelet" help:"The kubelet binary, in exec mode."`
+	ManifestDigest        string        `help:"Manifest digest to authenticate the bundle against (default: SHA256SUMS beside it)."`
+	Root                  string        `default:"/" help:"Treat DIR as the host's / (tests, image building)."`
+	DryRun                bool          `help:"Print what each phase would do; change nothing."`
+	Node                  string        `help:"Apply even though the host name differs from the bundle's node."`
+	IgnorePreflightErrors []string      `sep:"," help:"Preflight checks to ignore by name, or all."`
+	CRISocket             string        `name:"cri-socket" help:"Container runtime endpoint (default: the bundle's kubelet config)."`
+	ContainerdConfig      string        `help:"containerd's config file, read for its sandbox image (default: /etc/containerd/config.toml)."`
+	Kubelet               string        `enum:"systemd,exec," default:"" help:"How to start kubelet: systemd or exec (default: systemd where it runs)."`
+	KubeletBinary         string        `default:"/usr/bin/kubelet" help:"The kubelet binary, in exec mode."`
+	Timeout               time.Duration `default:"4m" help:"How long each wait on the cluster may take."`
 }
 
 func (f applyFlags) options(env *Env, bundlePath string) (phases.Options, error) {
@@ -37,6 +39,7 @@ func (f applyFlags) options(env *Env, bundlePath string) (phases.Options, error)
 		Bundle: bundlePath, ManifestDigest: digest, Root: f.Root, DryRun: f.DryRun, Node: f.Node,
 		IgnorePreflight: f.IgnorePreflightErrors, Out: env.Stdout, Now: env.Now,
 		CRISocket: f.CRISocket, ContainerdConfig: f.ContainerdConfig, Kubelet: f.Kubelet, KubeletBinary: f.KubeletBinary,
+		Timeout:  f.Timeout,
 		Progress: newProgress(env).line,
 	}, nil
 }
