@@ -13,7 +13,7 @@ import (
 
 // ApplyCmd runs a bundle's phases on this host.
 type ApplyCmd struct {
-	All   ApplyAllCmd   `cmd:"" default:"withargs" hidden:"" help:"Run every phase."`
+	All   ApplyAllCmd   `cmd:"" name:"all" default:"withargs" help:"Run every phase; the default, so airadm apply BUNDLE does this."`
 	Phase ApplyPhaseCmd `cmd:"" help:"Run one phase: ${phases}."`
 }
 
