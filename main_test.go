@@ -90,3 +90,43 @@ func copyTree(src, dst, skip string) error {
 		return os.WriteFile(filepath.Join(dst, rel), b, 0o644)
 	})
 }
+
+// TestExitCodes: 2 for bad usage and bad input (a config error, a damaged
+// bundle), 0 for success.
+func TestExitCodes(t *testing.T) {
+	dir := t.TempDir()
+	if err := copyTree("testdata/quickstart", filepath.Join(dir, "qs"), "secrets"); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	env := &Env{Stdout: &out, Stderr: &out, Now: time.Now, Rand: rand.Reader, Getenv: func(string) string { return "" }}
+	cfg := filepath.Join(dir, "qs", "cluster.toml")
+	outDir := filepath.Join(dir, "out")
+	if code := run([]string{"build", "-c", cfg, "-o", outDir, "w1"}, env); code != 0 {
+		t.Fatalf("build exited %d:\n%s", code, out.String())
+	}
+	b, _ := os.ReadFile(filepath.Join(outDir, "w1.bundle"))
+	i := bytes.Index(b, []byte("tls-bootstrap-token-user"))
+	b[i] ^= 0xff
+	bad := filepath.Join(dir, "bad.bundle")
+	os.WriteFile(bad, b, 0o600)
+	for _, c := range []struct {
+		args []string
+		want int
+	}{
+		{[]string{"verify", filepath.Join(outDir, "w1.bundle")}, 0},
+		{[]string{"verify", bad}, 2},
+		{[]string{"apply", "--root", filepath.Join(dir, "host"), "--node", "w1", bad}, 2},
+		{[]string{"apply", "--skip-phases", "nope", bad}, 2},
+		{[]string{"render", "-c", filepath.Join(dir, "missing.toml"), "-o", filepath.Join(dir, "r"), "cp1"}, 2},
+		{[]string{"no-such-command"}, 2},
+	} {
+		out.Reset()
+		if code := run(c.args, env); code != c.want {
+			t.Errorf("airadm %v exited %d, want %d:\n%s", c.args, code, c.want, out.String())
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "host")); !os.IsNotExist(err) {
+		t.Error("apply of a damaged bundle created the host root")
+	}
+}
