@@ -47,7 +47,7 @@ func Reset(ctx context.Context, o ResetOptions) error {
 		return err
 	}
 	defer unlock()
-	j, err := loadJournal(o.Root)
+	j, err := LoadJournal(o.Root)
 	if err != nil {
 		return err
 	}

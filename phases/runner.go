@@ -158,7 +158,7 @@ func Apply(ctx context.Context, o Options) error {
 			return err
 		}
 		defer unlock()
-		if r.journal, err = loadJournal(o.Root); err != nil {
+		if r.journal, err = LoadJournal(o.Root); err != nil {
 			return err
 		}
 	} else {
@@ -243,7 +243,8 @@ type Journal struct {
 
 const journalFile = render.AiradmStateDir + "/journal.json"
 
-func loadJournal(root string) (*Journal, error) {
+// LoadJournal reads the journal under root; an absent one is empty.
+func LoadJournal(root string) (*Journal, error) {
 	var j Journal
 	b, err := os.ReadFile(hostfs.Path(root, journalFile))
 	if errors.Is(err, os.ErrNotExist) {
@@ -257,9 +258,6 @@ func loadJournal(root string) (*Journal, error) {
 	}
 	return &j, nil
 }
-
-// LoadJournal reads the journal under root, for reset and tests.
-func LoadJournal(root string) (*Journal, error) { return loadJournal(root) }
 
 func (j *Journal) save(root string) error {
 	b, err := json.MarshalIndent(j, "", "  ")

@@ -146,10 +146,9 @@ nodeRegistration:
 			os.WriteFile(filepath.Join(dry, "admin.conf"), read(filepath.Join(kcDir, "admin.conf")), 0o600)
 			uploaded := run("init", "phase", "upload-config", "kubelet", "--config", cfgPath, "--dry-run")
 			found := false
-			for _, chunk := range strings.Split(uploaded, "[dryrun] Attached object:\n")[1:] {
-				doc, _, _ := strings.Cut(chunk, "\n\n")
+			for _, doc := range dryRunObjects(uploaded) {
 				var cm corev1.ConfigMap
-				if yaml.Unmarshal([]byte(doc), &cm) != nil || cm.Name != "kubelet-config" {
+				if yaml.Unmarshal(doc, &cm) != nil || cm.Name != "kubelet-config" {
 					continue
 				}
 				theirs := strings.ReplaceAll(cm.Data["kubelet"], pkiDir, render.PKIDir)
@@ -342,11 +341,9 @@ nodeRegistration:
 		t.Fatalf("kubeadm: %v\n%s", err, out)
 	}
 	theirs := map[string]map[string]any{}
-	for _, chunk := range strings.Split(string(out), "[dryrun] Attached object:\n")[1:] {
-		// An object ends at the first blank line (then come log lines).
-		doc, _, _ := strings.Cut(chunk, "\n\n")
+	for _, doc := range dryRunObjects(string(out)) {
 		var m map[string]any
-		if err := yaml.Unmarshal([]byte(doc), &m); err != nil {
+		if err := yaml.Unmarshal(doc, &m); err != nil {
 			t.Fatalf("kubeadm object: %v\n%s", err, doc)
 		}
 		theirs[objectKey(m)] = m
@@ -376,6 +373,17 @@ nodeRegistration:
 			t.Errorf("%s differs from kubeadm's:\n--- kubeadm\n%s\n--- airadm\n%s", k, wj, gj)
 		}
 	}
+}
+
+// dryRunObjects picks the objects out of kubeadm's --dry-run output: each
+// follows an "Attached object:" line and ends at the first blank line.
+func dryRunObjects(out string) [][]byte {
+	var docs [][]byte
+	for _, chunk := range strings.Split(out, "[dryrun] Attached object:\n")[1:] {
+		doc, _, _ := strings.Cut(chunk, "\n\n")
+		docs = append(docs, []byte(doc))
+	}
+	return docs
 }
 
 func objectKey(m map[string]any) string {
