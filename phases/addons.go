@@ -1,9 +1,12 @@
 package phases
 
 import (
+	"cmp"
 	"context"
 	"fmt"
-	"sort"
+	"path"
+	"slices"
+	"strconv"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -21,8 +24,60 @@ import (
 )
 
 // fieldManager owns what airadm applies, so later applies by airadm (or a
-// re-run) update those fields and leave others' alone.
-const fieldManager = "airadm"
+// re-run) update those fields and leave others' alone. The config's extra
+// manifests have a manager of their own: a user's partial override of a
+// kubeadm addon (only a Deployment's replicas, say) then adds to kubeadm's
+// fields instead of replacing the whole set airadm owns, which would strip
+// the containers and be refused.
+const (
+	fieldManager      = "airadm"
+	extraFieldManager = "airadm-addons"
+)
+
+// addonFile is one file of the addons phase with the manager that applies it.
+type addonFile struct {
+	path, manager string
+}
+
+// addonFiles lists the addon files of a bundle in the order they must be
+// applied: kubeadm's CoreDNS and kube-proxy first, then the config's extra
+// manifests in the config's order, so that a user's override of a kubeadm
+// addon is applied last and wins.
+func addonFiles(files map[string][]byte) []addonFile {
+	var out []addonFile
+	if _, ok := files[render.AddonsFile]; ok {
+		out = append(out, addonFile{render.AddonsFile, fieldManager})
+	}
+	var extra []string
+	for p := range files {
+		if strings.HasPrefix(p, render.ExtraAddonsDir+"/") {
+			extra = append(extra, p)
+		}
+	}
+	// render names them "<index>-<base name>"; the index is compared as a
+	// number, so that entry 100 comes after entry 99.
+	index := func(p string) int {
+		n, _, _ := strings.Cut(path.Base(p), "-")
+		i, err := strconv.Atoi(n)
+		if err != nil {
+			return -1
+		}
+		return i
+	}
+	slices.SortFunc(extra, func(a, b string) int {
+		return cmp.Or(cmp.Compare(index(a), index(b)), strings.Compare(a, b))
+	})
+	for _, p := range extra {
+		out = append(out, addonFile{p, extraFieldManager})
+	}
+	return out
+}
+
+// addonObject is one document to apply, with its field manager.
+type addonObject struct {
+	*unstructured.Unstructured
+	manager string
+}
 
 // runAddons server-side applies kubeadm's CoreDNS and kube-proxy, then the
 // config's extra manifests in their order.
@@ -31,26 +86,20 @@ func runAddons(ctx context.Context, r *Run) error {
 	if err != nil {
 		return err
 	}
-	var names []string
-	for p := range files {
-		if p == render.AddonsFile || strings.HasPrefix(p, render.ExtraAddonsDir+"/") {
-			names = append(names, p)
-		}
-	}
-	sort.Strings(names) // kubeadm.yaml before extra/
-	var objs []*unstructured.Unstructured
-	for _, name := range names {
+	var objs []addonObject
+	for _, f := range addonFiles(files) {
+		name := f.path
 		for i, doc := range render.SplitYAML(files[name]) {
 			var m map[string]any
 			if err := yaml.Unmarshal(doc, &m); err != nil {
 				return fmt.Errorf("%s document %d: %w", name, i+1, err)
 			}
-			objs = append(objs, &unstructured.Unstructured{Object: m})
+			objs = append(objs, addonObject{&unstructured.Unstructured{Object: m}, f.manager})
 		}
 	}
 	if r.DryRun {
 		for _, o := range objs {
-			r.logf("  would apply %s %s", o.GetKind(), qualified(o))
+			r.logf("  would apply %s %s", o.GetKind(), qualified(o.Unstructured))
 		}
 		return nil
 	}
@@ -69,7 +118,7 @@ func runAddons(ctx context.Context, r *Run) error {
 	}
 	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(cs.Discovery()))
 	for _, o := range objs {
-		err := retry(ctx, "applying "+o.GetKind()+" "+qualified(o), func(ctx context.Context) error {
+		err := retry(ctx, "applying "+o.GetKind()+" "+qualified(o.Unstructured), func(ctx context.Context) error {
 			gvk := o.GroupVersionKind()
 			mapping, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
 			if err != nil {
@@ -88,7 +137,7 @@ func runAddons(ctx context.Context, r *Run) error {
 				}
 				ri = dyn.Resource(mapping.Resource).Namespace(ns)
 			}
-			_, err = ri.Patch(ctx, o.GetName(), types.ApplyPatchType, data, metav1.PatchOptions{FieldManager: fieldManager, Force: ptr.To(true)})
+			_, err = ri.Patch(ctx, o.GetName(), types.ApplyPatchType, data, metav1.PatchOptions{FieldManager: o.manager, Force: ptr.To(true)})
 			return err
 		})
 		if err != nil {
