@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"airadm.dev/airadm/atomicfile"
 	"airadm.dev/airadm/bundle"
@@ -27,29 +28,58 @@ func (r *Run) readFiles() (map[string][]byte, error) {
 	return r.files, nil
 }
 
-// sameCluster refuses a host whose /etc/kubernetes belongs to another
-// cluster: its CA differs from the bundle's, or the journal names another
-// cluster or node.
+// sameCluster refuses a host whose files belong to another cluster: the
+// journal names another cluster or node, its CA differs from the bundle's,
+// or a file the bundle would write is already there, different, and not
+// one the journal says apply wrote. The preflight check "cluster" reports
+// it, and the files phase enforces it even when that check is ignored, so
+// another cluster's files are never overwritten or claimed in the journal.
 func (r *Run) sameCluster(files map[string][]byte) error {
-	if j := r.journal; j != nil && j.Cluster != "" && (j.Cluster != r.Manifest.Cluster || j.Node != r.Manifest.Node) {
-		return fmt.Errorf("this host holds node %s of cluster %s (%s); run `airadm reset` before applying node %s of cluster %s",
-			j.Node, j.Cluster, journalFile, r.Manifest.Node, r.Manifest.Cluster)
+	reset := resetHint(r.Root)
+	if j := r.journal; j != nil && j.foreign(r.Manifest) {
+		return fmt.Errorf("this host holds node %s of cluster %s (%s); run %s before applying node %s of cluster %s",
+			j.Node, j.Cluster, journalFile, reset, r.Manifest.Node, r.Manifest.Cluster)
 	}
 	ca := render.PKIDir + "/ca.crt"
 	have, err := os.ReadFile(r.path(ca))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("reading %s: %w", ca, err)
 	}
-	if want, ok := files[ca]; ok && !bytes.Equal(have, want) {
-		return fmt.Errorf("%s belongs to another cluster (its CA is not this bundle's); nothing was changed. Run `airadm reset` to clear the host first", ca)
+	if want, ok := files[ca]; err == nil && ok && !bytes.Equal(have, want) {
+		return fmt.Errorf("%s belongs to another cluster (its CA is not this bundle's); nothing was changed. Run %s to clear the host first", ca, reset)
+	}
+	var theirs []string
+	for _, fe := range r.Manifest.Files {
+		if r.journal != nil && slices.Contains(r.journal.Files, fe.Path) {
+			continue // apply wrote it: a newer bundle may replace it
+		}
+		if _, err := os.Lstat(r.path(fe.Path)); err != nil {
+			continue
+		}
+		if mode, err := fe.FileMode(); err == nil && unchanged(r.path(fe.Path), fe, mode) {
+			continue // exactly the bundle's: recording it as ours is true
+		}
+		theirs = append(theirs, fe.Path)
+	}
+	if len(theirs) > 0 {
+		if len(theirs) > 5 {
+			theirs = append(theirs[:5], fmt.Sprintf("and %d more", len(theirs)-5))
+		}
+		return fmt.Errorf("%s already exist, differ from the bundle's and were not written by airadm (%s does not list them); nothing was changed. Move them away, or run %s to clear the host first",
+			strings.Join(theirs, ", "), journalFile, reset)
 	}
 	return nil
 }
 
-func runFiles(_ context.Context, r *Run) error {
+// resetHint is the reset command that clears this run's root.
+func resetHint(root string) string {
+	if root == "" || root == "/" {
+		return "`airadm reset`"
+	}
+	return "`airadm reset --root " + root + "`"
+}
+
+func runFiles(ctx context.Context, r *Run) error {
 	files, err := r.readFiles()
 	if err != nil {
 		return err
@@ -57,8 +87,24 @@ func runFiles(_ context.Context, r *Run) error {
 	if err := r.sameCluster(files); err != nil {
 		return err
 	}
+	if !r.DryRun {
+		// Write-ahead: every file the bundle owns is in the durable journal
+		// before the first one is written, including those already in place
+		// (an earlier run, maybe killed, wrote them).
+		paths := make([]string, 0, len(r.Manifest.Files))
+		for _, fe := range r.Manifest.Files {
+			paths = append(paths, fe.Path)
+		}
+		if err := r.journal.claim(r.Root, r.Manifest, paths); err != nil {
+			return fmt.Errorf("recording the bundle's files in the journal before writing them: %w", err)
+		}
+	}
 	var wrote, same int
 	for _, fe := range r.Manifest.Files {
+		// Between two atomic writes is a safe point to stop at.
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("writing files (%d written, %d already in place): %w", wrote, same, err)
+		}
 		mode, err := fe.FileMode()
 		if err != nil {
 			return err
@@ -80,9 +126,6 @@ func runFiles(_ context.Context, r *Run) error {
 		if err := atomicfile.Write(target, files[fe.Path], mode); err != nil {
 			return err
 		}
-		if !slices.Contains(r.journal.Files, fe.Path) {
-			r.journal.Files = append(r.journal.Files, fe.Path)
-		}
 		wrote++
 	}
 	if r.DryRun {
@@ -90,7 +133,7 @@ func runFiles(_ context.Context, r *Run) error {
 		return nil
 	}
 	r.logf("  wrote %d files, %d already in place", wrote, same)
-	return r.journal.save(r.Root)
+	return nil
 }
 
 // removeStaleTemps deletes temp files a crashed earlier write left beside

@@ -2,14 +2,15 @@ package phases
 
 import (
 	"context"
-
+	"errors"
 	"fmt"
-	"github.com/BurntSushi/toml"
 	"net"
 	"os"
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/BurntSushi/toml"
 
 	"airadm.dev/airadm/pki"
 	"airadm.dev/airadm/render"
@@ -49,7 +50,10 @@ func runPreflight(_ context.Context, r *Run) error {
 		for _, w := range warnings {
 			r.logf("  warning: %s: %s", c.Name, w)
 		}
+		var skip skipped
 		switch {
+		case errors.As(err, &skip):
+			r.logf("  skipped: %s (%s)", c.Name, string(skip))
 		case err != nil && ignore(c.Name):
 			r.logf("  ignored: %s: %v", c.Name, err)
 		case err != nil:
@@ -64,6 +68,12 @@ func runPreflight(_ context.Context, r *Run) error {
 	}
 	return nil
 }
+
+// skipped is what a check returns when it did not run, with why: the
+// output must not claim a check it did not make.
+type skipped string
+
+func (s skipped) Error() string { return "skipped: " + string(s) }
 
 func checkRoot(r *Run, _ map[string][]byte) ([]string, error) {
 	if r.Root == "/" && os.Geteuid() != 0 {
@@ -175,7 +185,7 @@ func (r *Run) sandboxImage() (image, from string, err error) {
 		path = r.path("/etc/containerd/config.toml")
 	}
 	b, err := os.ReadFile(path)
-	if os.IsNotExist(err) {
+	if os.IsNotExist(err) && r.ContainerdConfig == "" {
 		return containerdDefaultSandbox, "containerd's default; no " + path, nil
 	}
 	if err != nil {
@@ -203,8 +213,13 @@ func (r *Run) sandboxImage() (image, from string, err error) {
 
 // checkContainerd: the images phase needs the runtime answering.
 func checkContainerd(r *Run, files map[string][]byte) ([]string, error) {
-	if !r.planned("images") || r.DryRun {
-		return nil, nil
+	if !r.planned("images") {
+		return nil, skipped("the images phase does not run")
+	}
+	if r.DryRun {
+		// Connecting changes nothing, but a dry run may be made on a
+		// machine other than the node; say the check was not made.
+		return nil, skipped("dry run")
 	}
 	c, err := r.containerd(context.Background(), files)
 	if err != nil {

@@ -21,12 +21,23 @@ import (
 	"airadm.dev/airadm/render"
 )
 
+// ErrNoRoot means reset's --root is not an existing directory: bad usage,
+// and nothing was touched.
+var ErrNoRoot = errors.New("--root must name an existing directory")
+
 // ResetOptions configure Reset.
 type ResetOptions struct {
-	Root      string
-	Out       io.Writer
-	CRISocket string // unix:// endpoint; empty skips removing containers
+	Root string
+	Out  io.Writer
+	// CRISocket is the unix:// endpoint of the runtime whose k8s.io
+	// containers to remove. Empty means DefaultCRISocket when Root is "/",
+	// and leaving the runtime alone under any other root: that runtime
+	// belongs to the host, not to the tree under Root.
+	CRISocket string
 }
+
+// DefaultCRISocket is the runtime reset cleans on a real host.
+const DefaultCRISocket = render.DefaultCRISocket
 
 // Reset undoes apply, best effort, like `kubeadm reset`: it stops kubelet,
 // removes the containers kubelet started, the files the journal lists and
@@ -36,6 +47,13 @@ type ResetOptions struct {
 func Reset(ctx context.Context, o ResetOptions) error {
 	if o.Root == "" {
 		o.Root = "/"
+	}
+	// A mistyped --root must not be created and "reset".
+	if info, err := os.Stat(o.Root); err != nil || !info.IsDir() {
+		if err == nil {
+			err = fmt.Errorf("%s is not a directory", o.Root)
+		}
+		return fmt.Errorf("resetting %s: %w: %v", o.Root, ErrNoRoot, err)
 	}
 	logf := func(format string, args ...any) {
 		if o.Out != nil {
@@ -78,10 +96,16 @@ func Reset(ctx context.Context, o ResetOptions) error {
 			}
 		}
 	}
-	if o.CRISocket != "" {
-		n, err := removeContainers(ctx, strings.TrimPrefix(o.CRISocket, "unix://"))
+	socket := o.CRISocket
+	if socket == "" && o.Root == "/" {
+		socket = DefaultCRISocket
+	}
+	if socket != "" {
+		n, err := removeContainers(ctx, strings.TrimPrefix(socket, "unix://"))
 		keep(err)
 		logf("removed %d containers", n)
+	} else {
+		logf("left the container runtime alone: %s is not the host's /, and no --cri-socket was given", o.Root)
 	}
 	keep(unmountUnder(hostfs.Path(o.Root, render.KubeletDir)))
 
@@ -101,11 +125,14 @@ func Reset(ctx context.Context, o ResetOptions) error {
 	if o.Root == "/" {
 		keep(removeKubepodsCgroups(cgroupRoot))
 	}
-	keep(removeAll(hostfs.Path(o.Root, render.AiradmStateDir)))
-	logf("reset done")
 	if len(errs) > 0 {
+		// The journal stays, so a second reset still knows what is ours.
 		return fmt.Errorf("resetting: %w", errors.Join(errs...))
 	}
+	if err := removeAll(hostfs.Path(o.Root, render.AiradmStateDir)); err != nil {
+		return fmt.Errorf("resetting: %w", err)
+	}
+	logf("reset done")
 	return nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -161,12 +162,26 @@ func Apply(ctx context.Context, o Options) error {
 		if r.journal, err = LoadJournal(o.Root); err != nil {
 			return err
 		}
-	} else {
-		r.journal = &Journal{}
+	} else if r.journal, err = LoadJournal(o.Root); err != nil {
+		// Read only: the cluster check needs to know what apply wrote.
+		return err
 	}
 	for _, p := range plan {
+		// A signal (main cancels ctx on SIGINT and SIGTERM) stops the run
+		// between phases, or at the next safe point inside one; the journal
+		// was made durable before any file it lists, so a re-run or a reset
+		// picks up from here.
+		if ctx.Err() != nil {
+			return fmt.Errorf("stopped before phase %s, with the journal consistent; run apply again to finish: %w", p.Name, context.Cause(ctx))
+		}
 		r.logf("[%s] %s", p.Name, p.Short)
 		if err := p.Run(ctx, r); err != nil {
+			if ctx.Err() != nil {
+				if !errors.Is(err, ctx.Err()) {
+					err = fmt.Errorf("%w: %w", context.Cause(ctx), err)
+				}
+				return fmt.Errorf("phase %s: stopped before it finished, with the journal consistent; run apply again to finish: %w", p.Name, err)
+			}
 			return fmt.Errorf("phase %s: %w", p.Name, err)
 		}
 		if !o.DryRun {
@@ -259,21 +274,70 @@ func LoadJournal(root string) (*Journal, error) {
 	return &j, nil
 }
 
+// save writes the journal durably: atomicfile syncs the file and its
+// directory, and the directories above it are synced too, since the lock
+// may have just created /var/lib/airadm and a crash must not lose it.
 func (j *Journal) save(root string) error {
 	b, err := json.MarshalIndent(j, "", "  ")
 	if err != nil {
 		return err
 	}
-	return atomicfile.Write(hostfs.Path(root, journalFile), append(b, '\n'), 0o600)
+	if err := atomicfile.Write(hostfs.Path(root, journalFile), append(b, '\n'), 0o600); err != nil {
+		return fmt.Errorf("saving the journal: %w", err)
+	}
+	for dir := path.Dir(render.AiradmStateDir); ; dir = path.Dir(dir) {
+		if err := atomicfile.SyncDir(hostfs.Path(root, dir)); err != nil {
+			return fmt.Errorf("saving the journal: %w", err)
+		}
+		if dir == "/" {
+			return nil
+		}
+	}
+}
+
+// foreign reports whether the journal records another cluster's node.
+func (j *Journal) foreign(m *bundle.Manifest) bool {
+	return j.Cluster != "" && (j.Cluster != m.Cluster || j.Node != m.Node)
+}
+
+// claim is the write-ahead record: it adds paths to the journal under m's
+// cluster and node, and makes that durable before the caller writes any of
+// them, so that whatever stops apply afterwards (kill -9, SIGTERM, a full
+// disk), reset finds every file. Files are never dropped: those an
+// earlier bundle of this node wrote stay listed.
+func (j *Journal) claim(root string, m *bundle.Manifest, paths []string) error {
+	if j.foreign(m) {
+		return fmt.Errorf("the journal records node %s of cluster %s, not this bundle's", j.Node, j.Cluster)
+	}
+	changed := j.Cluster != m.Cluster || j.Node != m.Node
+	j.Cluster, j.Node = m.Cluster, m.Node
+	for _, p := range paths {
+		if !slices.Contains(j.Files, p) {
+			j.Files = append(j.Files, p)
+			changed = true
+		}
+	}
+	if !changed {
+		return nil // already durable: a re-run rewrites nothing
+	}
+	return j.save(root)
 }
 
 func (j *Journal) done(root string, m *bundle.Manifest, digest, phase string) error {
+	if j.foreign(m) {
+		// Another cluster's record stays as it is, for reset: a phase
+		// that ran with the cluster check ignored must not relabel it
+		// (the files phase refuses such a host whatever is ignored).
+		return nil
+	}
 	if j.ManifestDigest != digest {
 		// A new bundle starts a new record of phases, but keeps the files
 		// earlier applies wrote so that reset still finds them.
 		j.Phases = nil
 	}
-	j.Cluster, j.Node, j.ManifestDigest = m.Cluster, m.Node, digest
+	// Only the files phase's claim says whose host this is: a preflight
+	// that passed on a host of unknown files does not make it ours.
+	j.ManifestDigest = digest
 	if !slices.Contains(j.Phases, phase) {
 		j.Phases = append(j.Phases, phase)
 	}
