@@ -1,7 +1,6 @@
 package bundle
 
 import (
-	"archive/tar"
 	"bufio"
 	"bytes"
 	"crypto/sha256"
@@ -50,33 +49,39 @@ type Visitor struct {
 }
 
 // Read streams a bundle, verifying every entry against the manifest: names
-// and order, regular files only, sizes, sha256 digests, nothing missing,
-// duplicated or extra, and every image's blobs present. It returns the
-// manifest and its digest; the caller compares the digest with one it
-// trusts (SHA256SUMS or the build output) to authenticate the whole.
+// and order, strict ustar headers (regular files, normalised times, owners
+// and modes), zero padding, sizes, sha256 digests, nothing missing,
+// duplicated or extra, every image's blobs present, and no key in a
+// worker's files. It reads r to its end, so a caller can hash the whole
+// file in the same pass (through an io.TeeReader), and refuses any byte
+// after the end-of-archive marker. It returns the manifest and its digest;
+// the caller compares the digest with one it trusts (SHA256SUMS or the
+// build output) to authenticate the whole.
 func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
-	cr := &countingReader{r: bufio.NewReaderSize(r, 1<<20)}
-	tr := tar.NewReader(cr)
+	tr := &ustarReader{r: bufio.NewReaderSize(r, 1<<20)}
 
-	hdr, err := next(tr, "")
+	hdr, err := tr.next("")
 	if err == io.EOF {
 		return nil, "", &EntryError{Entry: ManifestName, Err: errors.New("missing: the bundle is empty")}
 	}
 	if err != nil {
 		return nil, "", err
 	}
-	if hdr.Name != ManifestName {
-		return nil, "", &EntryError{Entry: hdr.Name, Err: fmt.Errorf("the first entry must be %s", ManifestName)}
+	if hdr.name != ManifestName {
+		return nil, "", &EntryError{Entry: hdr.name, Err: fmt.Errorf("the first entry must be %s", ManifestName)}
 	}
-	if err := regular(hdr); err != nil {
+	if err := hdr.checkMode(0o644); err != nil {
 		return nil, "", err
 	}
-	if hdr.Size > maxManifestLen {
-		return nil, "", &EntryError{Entry: ManifestName, Err: fmt.Errorf("%d bytes is larger than the %d a manifest may have", hdr.Size, maxManifestLen)}
+	if hdr.size > maxManifestLen {
+		return nil, "", &EntryError{Entry: ManifestName, Err: fmt.Errorf("%d bytes is larger than the %d a manifest may have", hdr.size, maxManifestLen)}
 	}
-	mb, err := io.ReadAll(tr)
-	if err != nil {
+	mb := make([]byte, hdr.size)
+	if _, err := io.ReadFull(tr.r, mb); err != nil {
 		return nil, "", &EntryError{Entry: ManifestName, Err: truncated(err)}
+	}
+	if err := tr.padding(hdr); err != nil {
+		return nil, "", err
 	}
 	m, err := DecodeManifest(mb)
 	if err != nil {
@@ -110,20 +115,21 @@ func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 	seen := map[string]bool{ManifestName: true}
 	buf := make([]byte, 1<<20)
 	for i := 0; ; i++ {
-		hdr, err := next(tr, lastName(want, i))
+		hdr, err := tr.next(lastName(want, i))
 		if err == io.EOF {
-			if i < len(want) && !cr.sawEnd() {
-				return nil, "", &EntryError{Entry: want[i].name, Err: ErrTruncated}
-			}
 			if i < len(want) {
 				return nil, "", &EntryError{Entry: want[i].name, Err: errors.New("missing")}
 			}
 			break
 		}
 		if err != nil {
+			if i < len(want) && errors.Is(err, ErrTruncated) {
+				// Cut at or in a header: name what is missing.
+				return nil, "", &EntryError{Entry: want[i].name, Err: ErrTruncated}
+			}
 			return nil, "", err
 		}
-		name := hdr.Name
+		name := hdr.name
 		switch {
 		case seen[name]:
 			return nil, "", &EntryError{Entry: name, Err: errors.New("duplicate entry")}
@@ -132,20 +138,23 @@ func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 		case !known[name]:
 			return nil, "", &EntryError{Entry: name, Err: errors.New("unknown entry: not in the manifest")}
 		}
-		if err := regular(hdr); err != nil {
-			return nil, "", err
-		}
 		if i >= len(want) || name != want[i].name {
 			return nil, "", &EntryError{Entry: want[i].name, Err: fmt.Errorf("missing where %s stands", name)}
 		}
 		seen[name] = true
 		e := want[i]
-		if hdr.Size != e.size {
-			return nil, "", &EntryError{Entry: name, Err: &MismatchError{What: "size", Got: fmt.Sprint(hdr.Size), Want: fmt.Sprint(e.size)}}
+		if hdr.size != e.size {
+			return nil, "", &EntryError{Entry: name, Err: &MismatchError{What: "size", Got: fmt.Sprint(hdr.size), Want: fmt.Sprint(e.size)}}
 		}
-		vr := &verifyingReader{r: io.LimitReader(tr, e.size), sum: sha256.New(), size: e.size, wantHex: e.sha256, want: e.content}
+		if err := hdr.checkMode(e.mode); err != nil {
+			return nil, "", err
+		}
+		vr := &verifyingReader{r: io.LimitReader(tr.r, e.size), sum: sha256.New(), size: e.size, wantHex: e.sha256, want: e.content}
 		if v.BlobDigestsCheckedByConsumer && v.Blob != nil && strings.HasPrefix(name, blobsPrefix) {
 			vr.sum, vr.wantHex = nil, ""
+		}
+		if e.file != "" && m.Role == "worker" {
+			vr.secrets = &secretScan{}
 		}
 		var visit func() error
 		switch {
@@ -170,15 +179,17 @@ func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 				return nil, "", &EntryError{Entry: name, Err: err}
 			}
 		}
-		if _, err := io.CopyBuffer(io.Discard, vr, buf); err != nil {
+		// Hide io.Discard's ReadFrom, whose small buffer would cut the
+		// reads into 8 KiB pieces.
+		if _, err := io.CopyBuffer(struct{ io.Writer }{io.Discard}, vr, buf); err != nil {
 			return nil, "", &EntryError{Entry: name, Err: err}
+		}
+		if err := tr.padding(hdr); err != nil {
+			return nil, "", err
 		}
 		if vr.keep != nil {
 			imageManifests[strings.TrimPrefix(name, blobsPrefix)] = vr.keep.Bytes()
 		}
-	}
-	if err := trailing(cr); err != nil {
-		return nil, "", err
 	}
 	if err := checkReferences(m, imageManifests); err != nil {
 		return nil, "", err
@@ -193,19 +204,8 @@ func lastName(want []expected, i int) string {
 	return ManifestName
 }
 
-func next(tr *tar.Reader, after string) (*tar.Header, error) {
-	hdr, err := tr.Next()
-	if err == io.EOF {
-		return nil, io.EOF
-	}
-	if err != nil {
-		return nil, &EntryError{Entry: after, Err: fmt.Errorf("reading the next entry: %w", truncated(err))}
-	}
-	return hdr, nil
-}
-
 func truncated(err error) error {
-	if errors.Is(err, io.ErrUnexpectedEOF) {
+	if errors.Is(err, io.ErrUnexpectedEOF) || err == io.EOF {
 		return ErrTruncated
 	}
 	return err
@@ -213,40 +213,6 @@ func truncated(err error) error {
 
 func escapes(name string) bool {
 	return strings.HasPrefix(name, "/") || path.Clean(name) != name || name == ".." || strings.HasPrefix(name, "../") || strings.Contains(name, "\\")
-}
-
-func regular(hdr *tar.Header) error {
-	kinds := map[byte]string{
-		tar.TypeSymlink: "a symbolic link", tar.TypeLink: "a hard link", tar.TypeChar: "a character device",
-		tar.TypeBlock: "a block device", tar.TypeFifo: "a FIFO", tar.TypeDir: "a directory",
-	}
-	if hdr.Typeflag == tar.TypeReg {
-		return nil
-	}
-	kind, ok := kinds[hdr.Typeflag]
-	if !ok {
-		kind = fmt.Sprintf("of tar type %q", hdr.Typeflag)
-	}
-	return &EntryError{Entry: hdr.Name, Err: fmt.Errorf("is %s; a bundle holds regular files only", kind)}
-}
-
-// trailing accepts only zero padding after the end-of-archive marker, and
-// requires the marker itself, so a bundle cut at an entry boundary is
-// reported as truncated.
-func trailing(cr *countingReader) error {
-	rest, err := io.ReadAll(cr)
-	if err != nil {
-		return &EntryError{Err: err}
-	}
-	for _, b := range rest {
-		if b != 0 {
-			return &EntryError{Err: errors.New("data after the end of the archive")}
-		}
-	}
-	if !cr.sawEnd() {
-		return &EntryError{Err: ErrTruncated}
-	}
-	return nil
 }
 
 // checkReferences makes sure every blob an image manifest names is in the
@@ -304,6 +270,7 @@ type verifyingReader struct {
 	wantHex string
 	want    []byte
 	keep    *bytes.Buffer
+	secrets *secretScan // for files of a worker's bundle
 	checked bool
 }
 
@@ -316,6 +283,9 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 		}
 		if v.keep != nil {
 			v.keep.Write(p[:n])
+		}
+		if v.secrets != nil {
+			v.secrets.write(p[:n])
 		}
 		if v.want != nil && !bytes.Equal(p[:n], v.want[v.n-int64(n):min(v.n, int64(len(v.want)))]) {
 			return n, &MismatchError{What: "content", Got: "different bytes", Want: "the bytes the manifest implies"}
@@ -331,35 +301,13 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 				return n, &MismatchError{What: "sha256", Got: got, Want: v.wantHex}
 			}
 		}
+		if v.secrets != nil && v.secrets.found != nil {
+			// Name the marker, never the bytes around it: they are a secret.
+			return n, fmt.Errorf("holds %q: a worker's bundle must not carry a private key", v.secrets.found)
+		}
 	}
 	if err != nil && err != io.EOF {
 		return n, truncated(err)
 	}
 	return n, err
 }
-
-type countingReader struct {
-	r        io.Reader
-	n        int64
-	zeroTail int64 // consecutive zero bytes read most recently
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	// Only the zeros at the end of the stream matter; scan back from the
-	// end of this read so that the cost is not per byte.
-	tail := 0
-	for tail < n && p[n-1-tail] == 0 {
-		tail++
-	}
-	if tail == n {
-		c.zeroTail += int64(n)
-	} else {
-		c.zeroTail = int64(tail)
-	}
-	return n, err
-}
-
-// sawEnd reports whether the stream ended with tar's two zero blocks.
-func (c *countingReader) sawEnd() bool { return c.zeroTail >= 1024 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -39,6 +40,23 @@ func (m memStore) Open(h v1.Hash) (io.ReadCloser, error) {
 // tinyBundle is a small valid bundle built from fixed inputs.
 func tinyBundle(t testing.TB) []byte {
 	t.Helper()
+	c, store := tinyContents(t)
+	return writeContents(t, c, store)
+}
+
+func writeContents(t testing.TB, c bundle.Contents, store bundle.BlobStore) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	if _, _, err := bundle.Write(&buf, c, store); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// tinyContents is what tinyBundle holds: a worker with two files and one
+// single-layer image.
+func tinyContents(t testing.TB) (bundle.Contents, memStore) {
+	t.Helper()
 	layer := static.NewLayer([]byte("layer bytes"), types.OCILayer)
 	img, err := mutate.AppendLayers(mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON), layer)
 	if err != nil {
@@ -69,11 +87,7 @@ func tinyBundle(t testing.TB) []byte {
 			Blobs:    []v1.Descriptor{m.Config, m.Layers[0]},
 		}},
 	}
-	var buf bytes.Buffer
-	if _, _, err := bundle.Write(&buf, c, store); err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
+	return c, store
 }
 
 func mustDigest(t testing.TB, l v1.Layer) v1.Hash {
@@ -209,7 +223,7 @@ func vectors(t testing.TB) map[string]struct {
 	add("manifest-unknown-field", with(func(e []tarEntry) []tarEntry {
 		e[0].data = bytes.Replace(e[0].data, []byte(`"formatVersion": 1,`), []byte(`"formatVersion": 1, "hooks": ["rm -rf /"],`), 1)
 		return e
-	}), `entry airadm.json: decoding airadm.json: json: unknown field "hooks"`)
+	}), `entry airadm.json: decoding airadm.json: member "hooks" is unknown`)
 	add("manifest-escaping-path", with(func(e []tarEntry) []tarEntry {
 		e[0].data = bytes.Replace(e[0].data, []byte(`"/etc/kubernetes/pki/ca.crt"`), []byte(`"/etc/kubernetes/../shadow"`), 1)
 		return e
@@ -240,6 +254,118 @@ func vectors(t testing.TB) map[string]struct {
 		out[0].data, _ = json.Marshal(m)
 		return out
 	}), "references "+string(mustLayer(t))+", which the bundle lacks")
+
+	// Headers: only the ustar header Write produces is a bundle's.
+	ustar, gnu := "ustar\x0000", "ustar  \x00"
+	add("pax-header", with(func(e []tarEntry) []tarEntry {
+		j := find(e, boot)
+		e[j].hdr.Format, e[j].hdr.PAXRecords = tar.FormatPAX, map[string]string{"comment": "hi"}
+		return e
+	}), "entry files/etc/kubernetes/PaxHeaders.0/bootstrap-kubelet.conf: is a pax extended header; a bundle holds ustar headers only")
+	// The ustar name says one thing, the pax record another: archive/tar
+	// would take the pax path, a ustar-only reader the ustar name.
+	renamed := patchHeader(t, valid, boot, func(blk []byte) {
+		copy(blk[:100], make([]byte, 100))
+		copy(blk, "files/etc/cron.d/evil")
+	})
+	add("pax-rename", insertBefore(t, renamed, "files/etc/cron.d/evil",
+		rawEntry("files/etc/cron.d/PaxHeaders.0/evil", 'x', ustar, []byte(paxRecord("path", boot)))),
+		"entry files/etc/cron.d/PaxHeaders.0/evil: is a pax extended header")
+	add("gnu-long-name", insertBefore(t, renamed, "files/etc/cron.d/evil",
+		rawEntry("././@LongLink", 'L', gnu, append([]byte(boot), 0))),
+		"entry ././@LongLink: is a GNU tar header; a bundle holds ustar headers only")
+	add("gnu-header", patchHeader(t, valid, boot, func(blk []byte) { copy(blk[257:265], gnu) }),
+		"entry "+boot+": is a GNU tar header")
+	add("v7-header", patchHeader(t, valid, boot, func(blk []byte) { copy(blk[257:265], make([]byte, 8)) }),
+		"entry "+boot+": is not a ustar header")
+	add("typeflag-nul", patchHeader(t, valid, boot, func(blk []byte) { blk[156] = 0 }),
+		"entry "+boot+": has typeflag NUL; a regular file's typeflag must be '0'")
+	add("header-mtime", patchHeader(t, valid, boot, func(blk []byte) { copy(blk[136:148], fmt.Sprintf("%011o\x00", 1767225600)) }),
+		"entry "+boot+": header mtime is 1767225600 (2026-01-01T00:00:00Z); writers write 0")
+	add("header-uid", patchHeader(t, valid, boot, func(blk []byte) { copy(blk[108:116], "0001750\x00") }),
+		"entry "+boot+": header uid is 1000; writers write 0")
+	add("header-gid", patchHeader(t, valid, boot, func(blk []byte) { copy(blk[116:124], "0001750\x00") }),
+		"entry "+boot+": header gid is 1000; writers write 0")
+	add("header-uname", patchHeader(t, valid, boot, func(blk []byte) { copy(blk[265:297], "root") }),
+		"entry "+boot+`: header user name is "root"; writers leave it empty`)
+	add("header-gname", patchHeader(t, valid, boot, func(blk []byte) { copy(blk[297:329], "root") }),
+		"entry "+boot+`: header group name is "root"; writers leave it empty`)
+	add("header-linkname", patchHeader(t, valid, boot, func(blk []byte) { copy(blk[157:257], "/etc/shadow") }),
+		"entry "+boot+`: header linkname is "/etc/shadow"; writers leave it empty`)
+	add("header-mode", patchHeader(t, valid, boot, func(blk []byte) { copy(blk[100:108], "0000644\x00") }),
+		"entry "+boot+": header mode is 0644; writers write 0600")
+	add("header-manifest-mode", patchHeader(t, valid, bundle.ManifestName, func(blk []byte) { copy(blk[100:108], "0000600\x00") }),
+		"entry airadm.json: header mode is 0600; writers write 0644")
+	add("header-name-hidden-bytes", patchHeader(t, valid, boot, func(blk []byte) { copy(blk[len(boot)+1:], "x") }),
+		"entry "+boot+": header name has bytes after its terminating NUL")
+	add("header-name-split", patchHeader(t, valid, boot, func(blk []byte) {
+		copy(blk[:100], make([]byte, 100))
+		copy(blk, "bootstrap-kubelet.conf")
+		copy(blk[345:], "files/etc/kubernetes")
+	}), "entry "+boot+`: header splits the name as prefix "files/etc/kubernetes" and name "bootstrap-kubelet.conf"; writers write "" and "`+boot+`"`)
+	add("header-size-base256", patchHeader(t, valid, boot, func(blk []byte) {
+		copy(blk[124:136], []byte{0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 14})
+	}), "entry "+boot+`: header size "\x80\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0e" is not 11 octal digits and a NUL`)
+
+	// Bytes outside entries: padding, the end marker and what follows.
+	padded := bytes.Clone(valid)
+	padded[headerAt(t, valid, boot)+512+len("token: secret\n")+3] = 'x'
+	add("padding-not-zero", padded, "entry "+boot+": the padding after the entry is not zero")
+	add("trailing-zeros", append(bytes.Clone(valid), make([]byte, 512)...), "data after the end of the archive")
+
+	// The manifest's JSON: exact member names, once each, all present, no
+	// nulls, strict sorts, whole UTC seconds, no characters to escape.
+	manifest := func(old, new string) []byte {
+		return with(func(e []tarEntry) []tarEntry {
+			if !bytes.Contains(e[0].data, []byte(old)) {
+				t.Fatalf("manifest has no %s", old)
+			}
+			e[0].data = bytes.Replace(e[0].data, []byte(old), []byte(new), 1)
+			return e
+		})
+	}
+	add("manifest-member-case", manifest(`"cluster":`, `"Cluster":`),
+		`entry airadm.json: decoding airadm.json: member "Cluster" is unknown (member names are case-sensitive: "cluster")`)
+	add("manifest-member-twice", manifest(`"node": "w1",`, `"node": "cp1", "node": "w1",`),
+		`entry airadm.json: decoding airadm.json: member "node" appears twice`)
+	add("manifest-member-missing", manifest(`"kubernetesVersion": "`+render.KubernetesVersion+`",`, ``),
+		`entry airadm.json: decoding airadm.json: member "kubernetesVersion" is missing`)
+	add("manifest-member-null", manifest(`"kubernetesVersion": "`+render.KubernetesVersion+`"`, `"kubernetesVersion": null`),
+		`entry airadm.json: decoding airadm.json: kubernetesVersion is null, want a string`)
+	add("manifest-buildtime-offset", manifest(`"2026-01-01T00:00:00Z"`, `"2026-01-01T01:00:00.5+01:00"`),
+		`entry airadm.json: decoding airadm.json: buildTime "2026-01-01T01:00:00.5+01:00" is not a UTC time in whole seconds (YYYY-MM-DDTHH:MM:SSZ)`)
+	add("manifest-files-unsorted", with(func(e []tarEntry) []tarEntry {
+		var m map[string]any
+		json.Unmarshal(e[0].data, &m)
+		fs := m["files"].([]any)
+		fs[0], fs[1] = fs[1], fs[0]
+		e[0].data, _ = json.Marshal(m)
+		return e
+	}), `entry airadm.json: checking airadm.json: file /etc/kubernetes/bootstrap-kubelet.conf is listed after /etc/kubernetes/pki/ca.crt: the list must be sorted strictly ascending by bytes`)
+	add("manifest-ref-needs-escaping", with(func(e []tarEntry) []tarEntry {
+		ref := "registry.example/pause:1"
+		e[0].data = bytes.ReplaceAll(e[0].data, []byte(`"`+ref+`"`), []byte(`"`+ref+`<x>"`))
+		j := find(e, bundle.IndexName)
+		e[j].data = bytes.ReplaceAll(e[j].data, []byte(`"`+ref+`"`), []byte(`"`+ref+`\u003cx\u003e"`))
+		return e
+	}), `entry airadm.json: checking airadm.json: image reference "registry.example/pause:1<x>" has characters outside [A-Za-z0-9._:/@+-]`)
+
+	// A worker's bundle carries no private key, by path or by content.
+	asWorker := func(extra render.File) []byte {
+		c, store := tinyContents(t)
+		c.Role = "control-plane"
+		c.Files = append(c.Files, extra)
+		b := writeContents(t, c, store)
+		es := entries(t, b)
+		es[0].data = bytes.Replace(es[0].data, []byte(`"role": "control-plane"`), []byte(`"role": "worker"`), 1)
+		return retar(t, es)
+	}
+	add("worker-ca-key", asWorker(render.File{Path: "/etc/kubernetes/pki/ca.key", Mode: 0o600, Data: []byte("-----BEGIN EC PRIVATE KEY-----\n")}),
+		"entry airadm.json: checking airadm.json: file /etc/kubernetes/pki/ca.key: a worker's bundle must not carry a private key")
+	add("worker-admin-conf", asWorker(render.File{Path: "/etc/kubernetes/admin.conf", Mode: 0o600, Data: []byte("users: []\n")}),
+		"entry airadm.json: checking airadm.json: file /etc/kubernetes/admin.conf: a worker's bundle must not carry a kubeconfig with a client key")
+	add("worker-embedded-key", asWorker(render.File{Path: "/etc/kubernetes/kubelet.conf", Mode: 0o600, Data: []byte("users:\n- user:\n    client-key-data: c2VjcmV0\n")}),
+		`entry files/etc/kubernetes/kubelet.conf: holds "client-key-data": a worker's bundle must not carry a private key`)
 	return out
 }
 
