@@ -14,13 +14,17 @@ import (
 // Kubelet file locations of kubeadm and its distribution packages. The unit
 // goes under /etc/systemd/system because airadm, not a package, owns it.
 const (
-	KubeletConfigFile   = KubeletDir + "/config.yaml"
-	KubeletFlagsFile    = KubeletDir + "/kubeadm-flags.env"
-	KubeletUnitFile     = "/etc/systemd/system/kubelet.service"
-	KubeletDropInFile   = "/etc/systemd/system/kubelet.service.d/10-kubeadm.conf"
-	KubeletKubeconfig   = KubernetesDir + "/kubelet.conf"
-	BootstrapKubeconfig = KubernetesDir + "/bootstrap-kubelet.conf"
-	KubeletBinary       = "/usr/bin/kubelet"
+	KubeletConfigFile = KubeletDir + "/config.yaml"
+	KubeletFlagsFile  = KubeletDir + "/kubeadm-flags.env"
+	// KubeletInstanceConfigFile is the node's own part of the kubelet
+	// config, which kubeadm init and join write and kubeadm upgrade reads
+	// back (and merges over the kubelet-config ConfigMap).
+	KubeletInstanceConfigFile = KubeletDir + "/instance-config.yaml"
+	KubeletUnitFile           = "/etc/systemd/system/kubelet.service"
+	KubeletDropInFile         = "/etc/systemd/system/kubelet.service.d/10-kubeadm.conf"
+	KubeletKubeconfig         = KubernetesDir + "/kubelet.conf"
+	BootstrapKubeconfig       = KubernetesDir + "/bootstrap-kubelet.conf"
+	KubeletBinary             = "/usr/bin/kubelet"
 )
 
 // KubeletConfiguration is kubeadmKubeletConfiguration with [kubelet.config]
@@ -129,16 +133,11 @@ func (c *Cluster) clusterKubeletConfigYAML() ([]byte, error) {
 	return b, nil
 }
 
-func (c *Cluster) kubeletConfigYAML(n Node) ([]byte, error) {
-	kc, err := c.KubeletConfiguration(n)
-	if err != nil {
-		return nil, err
-	}
-	b, err := yaml.Marshal(kc)
-	if err != nil {
-		return nil, fmt.Errorf("encoding kubelet configuration: %w", err)
-	}
-	return b, nil
+// kubeletInstanceConfig is instance-config.yaml byte for byte as kubeadm's
+// WriteInstanceConfigToDisk writes it: only the runtime endpoint, which is
+// also merged into config.yaml.
+func kubeletInstanceConfig(kc *kubeletv1beta1.KubeletConfiguration) []byte {
+	return fmt.Appendf(nil, "containerRuntimeEndpoint: %q\n", kc.ContainerRuntimeEndpoint)
 }
 
 // kubeletFlags is kubeadm-flags.env. kubeadm sets --hostname-override only

@@ -70,12 +70,17 @@ func NodeFiles(c *Cluster, s *Secrets, name string) ([]File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("rendering node %s: %w", name, err)
 	}
-	kubelet, err := c.kubeletConfigYAML(n)
+	kc, err := c.KubeletConfiguration(n)
 	if err != nil {
 		return nil, err
 	}
+	kubelet, err := yaml.Marshal(kc)
+	if err != nil {
+		return nil, fmt.Errorf("encoding kubelet configuration: %w", err)
+	}
 	files = append(files,
 		File{KubeletConfigFile, 0o644, kubelet},
+		File{KubeletInstanceConfigFile, 0o644, kubeletInstanceConfig(kc)},
 		File{KubeletFlagsFile, 0o644, kubeletFlags(n)},
 		File{KubeletUnitFile, 0o644, []byte(kubeletUnit)},
 		File{KubeletDropInFile, 0o644, []byte(kubeletDropIn)},
