@@ -2,18 +2,19 @@
 default:
     @just --list
 
-# Build the airadm binary into ./bin.
+# Build the airadm binary into ./bin, stamped with its git version.
 build:
-    go build -o bin/airadm .
+    go build -ldflags "-X main.version=$(git describe --tags --always --dirty)" -o bin/airadm .
 
 # Run the whole suite exactly as CI does (builds the pinned binaries first).
 test *ARGS:
     ./hack/test {{ARGS}}
 
-# Vet and check formatting.
+# Vet, check formatting, and check that no build output is committed.
 lint:
     go vet ./...
     test -z "$(gofmt -l $(git ls-files '*.go'))"
+    go test -run TestNoBuildOutputsCommitted .
 
 # Run the benchmarks; ratios compare airadm with kubeadm measured in the same run.
 bench:
