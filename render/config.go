@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/BurntSushi/toml"
@@ -205,7 +207,7 @@ func Parse(name string, data []byte) (*Cluster, error) {
 		if errors.As(err, &pe) {
 			return nil, &ConfigError{File: name, Problems: []Problem{{Line: pe.Position.Line, Msg: pe.Message}}}
 		}
-		return nil, &ConfigError{File: name, Problems: []Problem{{Msg: err.Error()}}}
+		return nil, &ConfigError{File: name, Problems: []Problem{decodeProblem(err)}}
 	}
 	lines := keyLines(string(data))
 	var problems []Problem
@@ -328,4 +330,41 @@ func keyLines(doc string) map[string]int {
 		}
 	}
 	return out
+}
+
+// tomlTypeRE matches BurntSushi/toml's type errors, which carry the line and
+// key only in their text.
+var tomlTypeRE = regexp.MustCompile(`^toml: (?:line (\d+) )?\(last key "([^"]*)"\): (?:incompatible types: TOML value has type (\S+); destination has type (\S+)|(.*))$`)
+
+// decodeProblem turns a decoding error other than a syntax error into the
+// documented file:line: field: message form.
+func decodeProblem(err error) Problem {
+	m := tomlTypeRE.FindStringSubmatch(err.Error())
+	if m == nil {
+		return Problem{Msg: err.Error()}
+	}
+	line, _ := strconv.Atoi(m[1])
+	msg := m[5]
+	if m[3] != "" {
+		msg = fmt.Sprintf("wrong type: want %s, got %s", tomlType(m[4]), tomlType(m[3]))
+	}
+	return Problem{Line: line, Field: m[2], Msg: msg}
+}
+
+func tomlType(goType string) string {
+	switch {
+	case strings.HasPrefix(goType, "int"), goType == "integer":
+		return "an integer"
+	case strings.HasPrefix(goType, "float"):
+		return "a float"
+	case goType == "string":
+		return "a string"
+	case goType == "bool":
+		return "a boolean"
+	case strings.HasPrefix(goType, "[]"), goType == "slice", goType == "array":
+		return "an array"
+	case strings.HasPrefix(goType, "map"), goType == "struct", goType == "table":
+		return "a table"
+	}
+	return goType
 }

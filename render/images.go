@@ -1,5 +1,7 @@
 package render
 
+import "slices"
+
 // KubernetesVersion is the one place the Kubernetes release is pinned. The
 // k8s.io modules in go.mod and the scratch modules under hack/ follow it, and
 // TestPinnedVersionsAgree keeps them in step.
@@ -59,14 +61,24 @@ func (c *Cluster) image(component string) string {
 	panic("render: no image for " + component)
 }
 
-// Images returns every image reference the cluster needs: kubeadm's list and
-// then images.extra.
+// Images returns every image reference the cluster needs, each once:
+// kubeadm's list and then images.extra (an extra that repeats a core image,
+// or itself, adds nothing).
 func (c *Cluster) Images() []string {
 	var out []string
 	for _, im := range c.CoreImages() {
 		out = append(out, im.Ref)
 	}
-	return append(out, c.ExtraImages...)
+	return appendNew(out, c.ExtraImages...)
+}
+
+func appendNew(list []string, refs ...string) []string {
+	for _, r := range refs {
+		if !slices.Contains(list, r) {
+			list = append(list, r)
+		}
+	}
+	return list
 }
 
 // NodeImages returns the images node needs on disk. A worker runs no
@@ -77,5 +89,5 @@ func (c *Cluster) NodeImages(n Node) []string {
 		return c.Images()
 	}
 	out := []string{c.image("kube-proxy"), c.image("coredns"), c.image("pause")}
-	return append(out, c.ExtraImages...)
+	return appendNew(out, c.ExtraImages...)
 }
