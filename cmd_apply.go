@@ -3,24 +3,21 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
-	"os/signal"
 	"strings"
 	"time"
 
 	"airadm.dev/airadm/phases"
 )
 
-// ApplyCmd runs a bundle's phases on this host.
+// ApplyCmd runs a bundle's phases on this host. `apply BUNDLE` runs them
+// all; `apply phase NAME BUNDLE` runs one. Both take the same flags, which
+// is why this is one command with its arguments read by hand rather than
+// two subcommands: kong would show only the subcommands in apply's help.
 type ApplyCmd struct {
-	All   ApplyAllCmd   `cmd:"" name:"all" default:"withargs" help:"Run every phase; the default, so airadm apply BUNDLE does this."`
-	Phase ApplyPhaseCmd `cmd:"" help:"Run one phase: ${phases}."`
-}
-
-type applyFlags struct {
-	ManifestDigest        string        `help:"Manifest digest to authenticate the bundle against (default: SHA256SUMS beside it)."`
+	authFlags
 	Root                  string        `default:"/" help:"Treat DIR as the host's / (tests, image building)."`
 	DryRun                bool          `help:"Print what each phase would do; change nothing."`
+	SkipPhases            []string      `sep:"," help:"Phases to skip: ${phases}."`
 	Node                  string        `help:"Apply even though the host name differs from the bundle's node."`
 	IgnorePreflightErrors []string      `sep:"," help:"Preflight checks to ignore by name, or all."`
 	CRISocket             string        `name:"cri-socket" help:"Container runtime endpoint (default: the bundle's kubelet config)."`
@@ -28,57 +25,50 @@ type applyFlags struct {
 	Kubelet               string        `enum:"systemd,exec," default:"" help:"How to start kubelet: systemd or exec (default: systemd where it runs)."`
 	KubeletBinary         string        `default:"/usr/bin/kubelet" help:"The kubelet binary, in exec mode."`
 	Timeout               time.Duration `default:"4m" help:"How long each wait on the cluster may take."`
+	Args                  []string      `arg:"" name:"bundle" help:"The bundle file; or: phase NAME BUNDLE, to run one phase (${phases})."`
 }
 
-func (f applyFlags) options(env *Env, bundlePath string) (phases.Options, error) {
-	digest, from := trustedManifest(bundlePath, f.ManifestDigest)
-	if from == "" {
-		fmt.Fprintf(env.Stderr, "warning: %s is checked for integrity only: no SHA256SUMS beside it and no --manifest-digest\n", bundlePath)
+// target splits the arguments into the bundle and the one phase to run.
+func (cmd *ApplyCmd) target() (bundlePath, only string, err error) {
+	switch {
+	case len(cmd.Args) == 1:
+		return cmd.Args[0], "", nil
+	case len(cmd.Args) == 3 && cmd.Args[0] == "phase":
+		if len(cmd.SkipPhases) > 0 {
+			return "", "", fmt.Errorf("--skip-phases does not go with apply phase")
+		}
+		return cmd.Args[2], cmd.Args[1], nil
 	}
-	return phases.Options{
-		Bundle: bundlePath, ManifestDigest: digest, Root: f.Root, DryRun: f.DryRun, Node: f.Node,
-		IgnorePreflight: f.IgnorePreflightErrors, Out: env.Stdout, Now: env.Now,
-		CRISocket: f.CRISocket, ContainerdConfig: f.ContainerdConfig, Kubelet: f.Kubelet, KubeletBinary: f.KubeletBinary,
-		Timeout:  f.Timeout,
+	return "", "", fmt.Errorf("expected apply BUNDLE or apply phase NAME BUNDLE, got apply %s", strings.Join(cmd.Args, " "))
+}
+
+func (cmd *ApplyCmd) Run(env *Env) error {
+	path, only, err := cmd.target()
+	if err != nil {
+		return usageError{err}
+	}
+	if _, err := phases.Plan("control-plane", cmd.SkipPhases, only); err != nil {
+		return usageError{err}
+	}
+	v, err := cmd.vouch(path)
+	if err != nil {
+		return err
+	}
+	if !v.Authenticated() {
+		fmt.Fprintf(env.Stderr, "warning: %s is checked for integrity only: %s\n", path, v.Why)
+	}
+	return apply(phases.Options{
+		Bundle: path, ManifestDigest: v.ManifestDigest, Root: cmd.Root, DryRun: cmd.DryRun, Node: cmd.Node,
+		SkipPhases: cmd.SkipPhases, Only: only,
+		IgnorePreflight: cmd.IgnorePreflightErrors, Out: env.Stdout, Now: env.Now,
+		CRISocket: cmd.CRISocket, ContainerdConfig: cmd.ContainerdConfig, Kubelet: cmd.Kubelet, KubeletBinary: cmd.KubeletBinary,
+		Timeout:  cmd.Timeout,
 		Progress: newProgress(env).line,
-	}, nil
-}
-
-type ApplyAllCmd struct {
-	applyFlags
-	SkipPhases []string `sep:"," help:"Phases to skip."`
-	Bundle     string   `arg:"" help:"Bundle file."`
-}
-
-func (cmd *ApplyAllCmd) Run(env *Env) error {
-	o, err := cmd.options(env, cmd.Bundle)
-	if err != nil {
-		return err
-	}
-	o.SkipPhases = cmd.SkipPhases
-	return apply(o)
-}
-
-type ApplyPhaseCmd struct {
-	applyFlags
-	Name   string `arg:"" help:"Phase name."`
-	Bundle string `arg:"" help:"Bundle file."`
-}
-
-func (cmd *ApplyPhaseCmd) Run(env *Env) error {
-	o, err := cmd.options(env, cmd.Bundle)
-	if err != nil {
-		return err
-	}
-	o.Only = cmd.Name
-	return apply(o)
+	})
 }
 
 func apply(o phases.Options) error {
-	if _, err := phases.Plan("control-plane", o.SkipPhases, o.Only); err != nil && strings.HasPrefix(err.Error(), "unknown phase") {
-		return usageError{err}
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	ctx, stop := signalContext()
 	defer stop()
 	if err := phases.Apply(ctx, o); err != nil {
 		return fmt.Errorf("applying %s: %w", o.Bundle, err)

@@ -1,27 +1,21 @@
 package main
 
 import (
-	"bufio"
-	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
 
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"k8s.io/client-go/tools/clientcmd"
 
-	"airadm.dev/airadm/atomicfile"
+	"airadm.dev/airadm/build"
 	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/pki"
-	"airadm.dev/airadm/render"
+	"airadm.dev/airadm/trust"
 )
 
 // BuildCmd renders, pulls and writes one bundle per node.
@@ -29,16 +23,16 @@ type BuildCmd struct {
 	configFlag
 	Out   string   `short:"o" default:"out" help:"Directory for <node>.bundle and SHA256SUMS."`
 	Cache string   `help:"Image blob cache shared by all builds (default: the user cache directory)."`
-	Jobs  int      `default:"4" help:"Concurrent image transfers."`
+	Jobs  int      `default:"4" help:"Concurrent image transfers (at least 1)."`
 	JSON  bool     `name:"json" help:"Print the bundles as a JSON array."`
-	Nodes []string `arg:"" optional:"" help:"Nodes to build (default: all)."`
+	Nodes []string `arg:"" optional:"" help:"Nodes to build (default: all, removing the bundles of nodes no longer in the config)."`
 }
 
-type builtBundle struct {
-	Node           string `json:"node"`
-	Bundle         string `json:"bundle"`
-	SHA256         string `json:"sha256"`
-	ManifestDigest string `json:"manifestDigest"`
+func (cmd *BuildCmd) Validate() error {
+	if cmd.Jobs < 1 {
+		return fmt.Errorf("--jobs must be at least 1, not %d", cmd.Jobs)
+	}
+	return nil
 }
 
 func defaultCacheDir() (string, error) {
@@ -57,17 +51,6 @@ func (cmd *BuildCmd) Run(env *Env) error {
 	if err != nil {
 		return err
 	}
-	nodes := cmd.Nodes
-	if len(nodes) == 0 {
-		for _, n := range c.Nodes {
-			nodes = append(nodes, n.Name)
-		}
-	}
-	for _, n := range nodes {
-		if _, ok := c.Node(n); !ok {
-			return usageError{fmt.Errorf("building %s: no node of that name in %s (nodes: %s)", n, cmd.Config, nodeNames(c))}
-		}
-	}
 	buildTime := env.Now()
 	if s := env.Getenv("SOURCE_DATE_EPOCH"); s != "" {
 		secs, err := strconv.ParseInt(s, 10, 64)
@@ -76,218 +59,83 @@ func (cmd *BuildCmd) Run(env *Env) error {
 		}
 		buildTime = time.Unix(secs, 0).UTC()
 	}
-	platform, err := v1.ParsePlatform(c.Platform)
-	if err != nil {
-		return usageError{fmt.Errorf("reading images.platform: %w", err)}
-	}
-	var source bundle.Source = bundle.Registry{}
-	if c.ImageLayout != "" {
-		if _, err := os.Stat(filepath.Join(c.ImageLayout, "index.json")); err != nil {
-			return usageError{fmt.Errorf("reading images.layout: %s is not an OCI image layout: %w", c.ImageLayout, err)}
-		}
-		source = bundle.Layout{Path: c.ImageLayout}
-	}
 	cacheDir := cmd.Cache
 	if cacheDir == "" {
 		if cacheDir, err = defaultCacheDir(); err != nil {
 			return err
 		}
 	}
-	cache, err := bundle.OpenCache(cacheDir)
-	if err != nil {
-		return err
-	}
-
-	s, done, err := cmd.secrets(env, c)
-	if err != nil {
-		return err
-	}
-	defer done()
-	var refs []string
-	seen := map[string]bool{}
-	for _, name := range nodes {
-		n, _ := c.Node(name)
-		for _, r := range c.NodeImages(n) {
-			if !seen[r] {
-				seen[r] = true
-				refs = append(refs, r)
-			}
-		}
-	}
+	ctx, stop := signalContext()
+	defer stop()
 	progress := newProgress(env)
-	puller := &bundle.Puller{Source: source, Cache: cache, Platform: *platform, Jobs: cmd.Jobs, Progress: progress.pull}
-	images, err := puller.Pull(context.Background(), refs)
+	res, err := build.Run(ctx, build.Options{
+		ConfigPath: cmd.Config, Cluster: c, Out: cmd.Out, CacheDir: cacheDir, Jobs: cmd.Jobs, Nodes: cmd.Nodes,
+		BuildTime: buildTime, Now: env.Now, Rand: env.Rand,
+		Log:      func(line string) { progress.done(); fmt.Fprintln(env.Stderr, line) },
+		Progress: progress.pull,
+	})
 	progress.done()
 	if err != nil {
-		return fmt.Errorf("pulling images: %w", err)
-	}
-	byRef := map[string]bundle.Image{}
-	for _, im := range images {
-		byRef[im.Ref] = im
-	}
-
-	if err := os.MkdirAll(cmd.Out, 0o755); err != nil {
-		return fmt.Errorf("creating %s: %w", cmd.Out, err)
-	}
-	sums := map[string]string{}
-	manifests := map[string]string{}
-	var built []builtBundle
-	for _, name := range nodes {
-		n, _ := c.Node(name)
-		files, err := render.NodeFiles(c, s, name)
-		if err != nil {
-			return err
-		}
-		contents := bundle.Contents{
-			Cluster: c.Name, Node: name, Role: string(n.Role), KubernetesVersion: c.KubernetesVersion,
-			BuildTime: buildTime, Files: files,
-		}
-		for _, r := range c.NodeImages(n) {
-			contents.Images = append(contents.Images, byRef[r])
-		}
-		path := filepath.Join(cmd.Out, name+".bundle")
-		var manifestDigest string
-		whole := sha256.New()
-		err = atomicfile.WriteFrom(path, 0o600, func(w io.Writer) error {
-			bw := bufio.NewWriterSize(io.MultiWriter(w, whole), 1<<20)
-			_, d, err := bundle.Write(bw, contents, cache)
-			if err != nil {
-				return err
-			}
-			manifestDigest = d
-			return bw.Flush()
-		})
-		if err != nil {
-			return fmt.Errorf("building %s: %w", name, err)
-		}
-		sums[name+".bundle"] = hex.EncodeToString(whole.Sum(nil))
-		manifests[name+".bundle"] = manifestDigest
-		built = append(built, builtBundle{Node: name, Bundle: path, SHA256: sums[name+".bundle"], ManifestDigest: manifestDigest})
-		if !cmd.JSON {
-			fmt.Fprintf(env.Stdout, "%s  manifest %s\n", path, manifestDigest)
-		}
-	}
-	if err := writeSums(filepath.Join(cmd.Out, "SHA256SUMS"), sums, manifests); err != nil {
 		return err
 	}
 	if cmd.JSON {
-		return json.NewEncoder(env.Stdout).Encode(built)
+		return json.NewEncoder(env.Stdout).Encode(res.Bundles)
+	}
+	for _, b := range res.Bundles {
+		fmt.Fprintf(env.Stdout, "%s  manifest %s\n", b.Bundle, b.ManifestDigest)
 	}
 	return nil
 }
 
-// writeSums updates SHA256SUMS: sha256sum-compatible lines for each bundle,
-// and comment lines (which sha256sum -c skips) with each manifest digest.
-// Lines of bundles not rebuilt now are kept while their files exist.
-func writeSums(path string, sums, manifests map[string]string) error {
-	old, _ := readSums(path)
-	dir := filepath.Dir(path)
-	for name, e := range old {
-		if _, fresh := sums[name]; fresh {
-			continue
-		}
-		if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
-			sums[name], manifests[name] = e.file, e.manifest
-		}
-	}
-	names := make([]string, 0, len(sums))
-	for n := range sums {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	var b strings.Builder
-	for _, n := range names {
-		fmt.Fprintf(&b, "%s  %s\n", sums[n], n)
-	}
-	for _, n := range names {
-		if manifests[n] != "" {
-			fmt.Fprintf(&b, "# airadm manifest %s %s\n", n, manifests[n])
-		}
-	}
-	return atomicfile.Write(path, []byte(b.String()), 0o644)
+// authFlags choose what must vouch for a bundle.
+type authFlags struct {
+	ManifestDigest       string `help:"Manifest digest (sha256:<hex> or <hex>) to authenticate the bundle against (default: SHA256SUMS beside it)."`
+	AllowUnauthenticated bool   `help:"Accept a bundle that nothing vouches for (no SHA256SUMS line, no --manifest-digest), checking its integrity only."`
 }
 
-type sumEntry struct{ file, manifest string }
-
-func readSums(path string) (map[string]sumEntry, error) {
-	out := map[string]sumEntry{}
-	b, err := os.ReadFile(path)
+// vouch finds what vouches for the bundle, refusing an unauthenticated
+// bundle unless that was allowed.
+func (f authFlags) vouch(path string) (trust.Vouch, error) {
+	v, err := trust.Find(path, f.ManifestDigest)
 	if err != nil {
-		return out, err
+		return v, usageError{err}
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "# airadm manifest "); ok {
-			if name, d, ok := strings.Cut(rest, " "); ok {
-				e := out[name]
-				e.manifest = d
-				out[name] = e
-			}
-		} else if sum, name, ok := strings.Cut(line, "  "); ok && !strings.HasPrefix(line, "#") {
-			e := out[name]
-			e.file = sum
-			out[name] = e
-		}
+	if !v.Authenticated() && !f.AllowUnauthenticated {
+		return v, usageError{fmt.Errorf("authenticating %s: %s; pass --manifest-digest, put the build's SHA256SUMS beside it, or accept it unauthenticated with --allow-unauthenticated: %w", path, v.Why, trust.ErrUnauthenticated)}
 	}
-	return out, nil
-}
-
-// trustedManifest finds the manifest digest to authenticate a bundle
-// against: the flag, or SHA256SUMS beside the bundle.
-func trustedManifest(bundlePath, flag string) (digest, from string) {
-	if flag != "" {
-		return flag, "--manifest-digest"
-	}
-	sums := filepath.Join(filepath.Dir(bundlePath), "SHA256SUMS")
-	if m, err := readSums(sums); err == nil {
-		if e, ok := m[filepath.Base(bundlePath)]; ok && e.manifest != "" {
-			return e.manifest, sums
-		}
-	}
-	return "", ""
-}
-
-// openVerified reads the whole bundle through the verifying reader.
-func openVerified(path, manifestDigest string, v bundle.Visitor) (*bundle.Manifest, string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, "", usageError{fmt.Errorf("opening bundle: %w", err)}
-	}
-	defer f.Close()
-	m, digest, err := bundle.Read(f, v)
-	if err != nil {
-		return nil, "", usageError{fmt.Errorf("verifying %s: %w", path, err)}
-	}
-	want, from := trustedManifest(path, manifestDigest)
-	if want != "" && want != digest {
-		return nil, "", usageError{fmt.Errorf("verifying %s: manifest digest %s does not match %s from %s", path, digest, want, from)}
-	}
-	return m, from, nil
+	return v, nil
 }
 
 // VerifyCmd checks a bundle byte for byte.
 type VerifyCmd struct {
-	Bundle         string `arg:"" help:"Bundle file."`
-	ManifestDigest string `help:"Manifest digest to authenticate against (default: SHA256SUMS beside the bundle, if any)."`
-	JSON           bool   `name:"json" help:"Print the result as JSON."`
+	authFlags
+	Bundle string `arg:"" help:"Bundle file."`
+	JSON   bool   `name:"json" help:"Print the result as JSON."`
 }
 
 func (cmd *VerifyCmd) Run(env *Env) error {
-	m, from, err := openVerified(cmd.Bundle, cmd.ManifestDigest, bundle.Visitor{})
+	v, err := cmd.vouch(cmd.Bundle)
 	if err != nil {
 		return err
+	}
+	f, err := os.Open(cmd.Bundle)
+	if err != nil {
+		return usageError{fmt.Errorf("opening bundle: %w", err)}
+	}
+	defer f.Close()
+	m, _, err := trust.Verify(f, v, bundle.Visitor{})
+	if err != nil {
+		return fmt.Errorf("verifying %s: %w", cmd.Bundle, err)
 	}
 	if cmd.JSON {
 		return json.NewEncoder(env.Stdout).Encode(map[string]any{
 			"bundle": cmd.Bundle, "ok": true, "cluster": m.Cluster, "node": m.Node, "role": m.Role,
-			"files": len(m.Files), "images": len(m.Images), "blobs": len(m.Blobs), "authenticatedBy": from,
+			"files": len(m.Files), "images": len(m.Images), "blobs": len(m.Blobs),
+			"authenticatedBy": v.From, "fileSHA256Checked": v.FileSHA256 != "", "manifestDigestChecked": v.ManifestDigest != "",
 		})
 	}
-	auth := "manifest authenticated by " + from
-	if from == "" {
-		auth = "manifest not authenticated: no SHA256SUMS beside the bundle and no --manifest-digest"
-	}
 	fmt.Fprintf(env.Stdout, "%s: ok: %s %s (%s), %d files, %d images, %d blobs; %s\n",
-		cmd.Bundle, m.Cluster, m.Node, m.Role, len(m.Files), len(m.Images), len(m.Blobs), auth)
+		cmd.Bundle, m.Cluster, m.Node, m.Role, len(m.Files), len(m.Images), len(m.Blobs), v.Describe())
 	return nil
 }
 
@@ -343,11 +191,11 @@ func (cmd *InspectCmd) Run(env *Env) error {
 		cmd.Bundle, digest, m.Cluster, m.Node, m.Role, m.KubernetesVersion, m.BuildTime.Format(time.RFC3339))
 	fmt.Fprintf(w, "\nfiles (%d)\n", len(m.Files))
 	for _, fe := range m.Files {
-		fmt.Fprintf(w, "  %s %8d  sha256:%s  %s\n", fe.Mode, fe.Size, fe.SHA256[:12], fe.Path)
+		fmt.Fprintf(w, "  %s %9s  sha256:%s  %s\n", fe.Mode, humanBytes(fe.Size), fe.SHA256[:12], fe.Path)
 	}
 	fmt.Fprintf(w, "\nimages (%d)\n", len(m.Images))
 	for _, im := range m.Images {
-		fmt.Fprintf(w, "  %s\n    %s  %s  %.1f MB\n", im.Ref, im.Digest, im.Platform, float64(im.TotalSize)/1e6)
+		fmt.Fprintf(w, "  %s\n    %s  %s  %s\n", im.Ref, im.Digest, im.Platform, humanBytes(im.TotalSize))
 	}
 	fmt.Fprintf(w, "\ncertificates (%d)\n", len(certs))
 	for _, c := range certs {
@@ -397,4 +245,19 @@ func kubeconfigClientCert(b []byte) ([]byte, bool) {
 		}
 	}
 	return nil, false
+}
+
+// humanBytes prints a size in binary units, exact below 1 KiB.
+func humanBytes(n int64) string {
+	if n < 1024 {
+		return fmt.Sprintf("%d B", n)
+	}
+	f, unit := float64(n), "B"
+	for _, u := range []string{"KiB", "MiB", "GiB", "TiB"} {
+		if f < 1024 {
+			break
+		}
+		f, unit = f/1024, u
+	}
+	return fmt.Sprintf("%.1f %s", f, unit)
 }

@@ -182,11 +182,54 @@ func (cmd *ImagesListCmd) Run(env *Env) error {
 // VersionCmd prints versions.
 type VersionCmd struct{}
 
+// version is stamped by release builds (-ldflags "-X main.version=...",
+// as the Justfile's build does); otherwise it comes from the build's VCS
+// information.
+var version string
+
 func (VersionCmd) Run(env *Env) error {
-	v := "(devel)"
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
-		v = bi.Main.Version
-	}
-	fmt.Fprintf(env.Stdout, "airadm %s\nkubernetes %s\n", v, render.KubernetesVersion)
+	fmt.Fprintf(env.Stdout, "airadm %s\nkubernetes %s\n", airadmVersion(version, debug.ReadBuildInfo), render.KubernetesVersion)
 	return nil
+}
+
+// airadmVersion picks the most precise version there is: the stamped one,
+// the module version, the VCS revision (with -dirty for local changes), or
+// "(devel)" for a `go run` that carries none of these.
+func airadmVersion(stamped string, info func() (*debug.BuildInfo, bool)) string {
+	if stamped != "" {
+		return stamped
+	}
+	bi, ok := info()
+	if !ok {
+		return "(devel)"
+	}
+	if v := bi.Main.Version; v != "" && v != "(devel)" {
+		return v
+	}
+	var rev, when string
+	dirty := false
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.time":
+			when = s.Value
+		case "vcs.modified":
+			dirty = s.Value == "true"
+		}
+	}
+	if rev == "" {
+		return "(devel)"
+	}
+	if len(rev) > 12 {
+		rev = rev[:12]
+	}
+	v := "git-" + rev
+	if dirty {
+		v += "-dirty"
+	}
+	if when != "" {
+		v += " (" + when + ")"
+	}
+	return v
 }

@@ -4,18 +4,24 @@
 package main
 
 import (
+	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
+	"slices"
+	"syscall"
 	"time"
 
 	"github.com/alecthomas/kong"
 
+	"airadm.dev/airadm/build"
 	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/phases"
 	"airadm.dev/airadm/render"
+	"airadm.dev/airadm/trust"
 )
 
 // CLI is the whole command line; each leaf command is a struct with Run.
@@ -49,6 +55,12 @@ type usageError struct{ err error }
 func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
+// signalContext is cancelled by SIGINT or SIGTERM (what systemd and
+// cloud-init send), so long commands stop at a safe point.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
 func main() {
 	env := &Env{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Now: time.Now, Rand: rand.Reader, Getenv: os.Getenv, IsTerminal: isTerminal(os.Stderr)}
 	os.Exit(run(os.Args[1:], env))
@@ -72,6 +84,13 @@ func run(args []string, env *Env) (code int) {
 		fmt.Fprintf(env.Stderr, "airadm: %v\n", err)
 		return 1
 	}
+	// A bare `airadm` and `airadm help [COMMAND...]` show help, as users
+	// of kubeadm and most CLIs expect.
+	if len(args) == 0 {
+		args = []string{"--help"}
+	} else if args[0] == "help" {
+		args = append(slices.Clone(args[1:]), "--help")
+	}
 	ctx, err := parser.Parse(args)
 	if exited {
 		return code
@@ -91,7 +110,8 @@ func report(w io.Writer, err error) int {
 	code := 1
 	var ue usageError
 	var be *bundle.EntryError
-	if errors.As(err, &ue) || errors.As(err, &be) || errors.Is(err, phases.ErrUntrusted) {
+	var ie *build.InputError
+	if errors.As(err, &ue) || errors.As(err, &be) || errors.As(err, &ie) || errors.Is(err, trust.ErrUntrusted) || errors.Is(err, phases.ErrUntrusted) {
 		code = 2 // bad input: a damaged, truncated or unvouched-for bundle
 	}
 	var ce *render.ConfigError

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -47,6 +48,24 @@ func TestScript(t *testing.T) {
 				}
 				b[i] ^= 0xff
 				ts.Check(os.WriteFile(ts.MkAbs(args[2]), b, 0o644))
+			},
+			// padflip SRC DST: DST is SRC with one byte of tar padding
+			// after the manifest entry (or, with none, of the
+			// end-of-archive blocks) set, outside every entry's data.
+			"padflip": func(ts *testscript.TestScript, neg bool, args []string) {
+				if len(args) != 2 {
+					ts.Fatalf("usage: padflip SRC DST")
+				}
+				b, err := os.ReadFile(ts.MkAbs(args[0]))
+				ts.Check(err)
+				size, err := strconv.ParseInt(strings.Trim(string(b[124:136]), " \x00"), 8, 64)
+				ts.Check(err)
+				i := len(b) - 1
+				if size%512 != 0 {
+					i = 512 + int(size)
+				}
+				b[i] ^= 0x01
+				ts.Check(os.WriteFile(ts.MkAbs(args[1]), b, 0o644))
 			},
 			// truncate SRC LEN DST: DST is the first LEN bytes of SRC.
 			"truncate": func(ts *testscript.TestScript, neg bool, args []string) {
@@ -115,8 +134,8 @@ func TestExitCodes(t *testing.T) {
 		want int
 	}{
 		{[]string{"verify", filepath.Join(outDir, "w1.bundle")}, 0},
-		{[]string{"verify", bad}, 2},
-		{[]string{"apply", "--root", filepath.Join(dir, "host"), "--node", "w1", bad}, 2},
+		{[]string{"verify", "--allow-unauthenticated", bad}, 2},
+		{[]string{"apply", "--allow-unauthenticated", "--root", filepath.Join(dir, "host"), "--node", "w1", bad}, 2},
 		{[]string{"apply", "--skip-phases", "nope", bad}, 2},
 		{[]string{"render", "-c", filepath.Join(dir, "missing.toml"), "-o", filepath.Join(dir, "r"), "cp1"}, 2},
 		{[]string{"no-such-command"}, 2},
