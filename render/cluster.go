@@ -52,7 +52,11 @@ type Cluster struct {
 	Nodes            []Node
 	// AddonManifests are the extra manifests, read by Load.
 	AddonManifests []Manifest
-	addonPaths     []string
+	// HostFiles and HostArchives are [host]: binaries the bundles carry,
+	// fetched and unpacked at build time (package bundle).
+	HostFiles    []HostFile
+	HostArchives []HostArchive
+	addonPaths   []string
 }
 
 // Node is one host of the cluster.
@@ -296,6 +300,7 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 			p.add("control_plane_endpoint", "required with %d control-plane nodes: name a load balancer or VIP in front of them", len(c.ControlPlanes()))
 		}
 	}
+	cfg.validateHost(&p, c)
 	// Last: the kubelet config depends on the fields checked above.
 	if len(c.KubeletOverrides) > 0 && c.ServiceSubnet.IsValid() {
 		if _, err := c.KubeletConfiguration(Node{}); err != nil {

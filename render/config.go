@@ -26,6 +26,7 @@ type Config struct {
 	Join                 JoinConfig    `toml:"join"`
 	Kubelet              KubeletConfig `toml:"kubelet"`
 	Addons               AddonsConfig  `toml:"addons"`
+	Host                 HostConfig    `toml:"host"`
 	Nodes                []NodeConfig  `toml:"nodes"`
 }
 
@@ -241,6 +242,7 @@ func Parse(name string, data []byte) (*Cluster, error) {
 	if l := cluster.ImageLayout; l != "" && !filepath.IsAbs(l) {
 		cluster.ImageLayout = filepath.Join(filepath.Dir(name), l)
 	}
+	cluster.resolveHostSources(name)
 	return cluster, nil
 }
 

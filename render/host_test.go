@@ -1,0 +1,75 @@
+package render
+
+import (
+	"io/fs"
+	"slices"
+	"testing"
+)
+
+func TestHostDefaultsAndSources(t *testing.T) {
+	c, err := Parse("/etc/airadm/cluster.toml", []byte(`
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "10.0.0.11"
+
+[[host.files]]
+path = "/usr/bin/kubelet"
+source = "https://dl.k8s.io/release/v1.37.2/bin/linux/amd64/kubelet"
+sha256 = "CA227DCCA6E37FC2A0F29AFFE287AE240884E2B76F08A903FBB92E375B3E9DAC"
+
+[[host.files]]
+path = "/usr/local/sbin/runc"
+source = "bin/runc.amd64"
+sha256 = "ca227dcca6e37fc2a0f29affe287ae240884e2b76f08a903fbb92e375b3e9dac"
+mode = "0700"
+roles = ["worker"]
+
+[[host.archives]]
+dir = "/"
+source = "/srv/cni.tgz"
+sha256 = "ca227dcca6e37fc2a0f29affe287ae240884e2b76f08a903fbb92e375b3e9dac"
+strip = 1
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const sum = "ca227dcca6e37fc2a0f29affe287ae240884e2b76f08a903fbb92e375b3e9dac"
+	for _, tc := range []struct {
+		name  string
+		got   HostFile
+		want  HostFile
+		roles []Role
+	}{
+		{"url", c.HostFiles[0], HostFile{Path: "/usr/bin/kubelet", HostSource: HostSource{"https://dl.k8s.io/release/v1.37.2/bin/linux/amd64/kubelet", sum}, Mode: 0o755}, []Role{ControlPlane, Worker}},
+		{"relative", c.HostFiles[1], HostFile{Path: "/usr/local/sbin/runc", HostSource: HostSource{"/etc/airadm/bin/runc.amd64", sum}, Mode: fs.FileMode(0o700)}, []Role{Worker}},
+	} {
+		got := tc.got
+		if got.Path != tc.want.Path || got.HostSource != tc.want.HostSource || got.Mode != tc.want.Mode || !slices.Equal(got.Roles, tc.roles) {
+			t.Errorf("%s: got %+v, want %+v with roles %v", tc.name, got, tc.want, tc.roles)
+		}
+	}
+	if c.HostFiles[1].For(ControlPlane) || !c.HostFiles[1].For(Worker) {
+		t.Error("a worker-only file is for the wrong roles")
+	}
+	a := c.HostArchives[0]
+	if a.Dir != "/" || a.Location != "/srv/cni.tgz" || a.Strip != 1 || !a.For(ControlPlane) {
+		t.Errorf("archive = %+v", a)
+	}
+}
+
+func TestReservedHostPath(t *testing.T) {
+	for p, reserved := range map[string]bool{
+		"/etc/kubernetes":                        true,
+		"/etc/kubernetes/admin.conf":             true,
+		"/etc/kubernetesX":                       false,
+		"/var/lib":                               true, // would hide /var/lib/kubelet
+		"/etc/systemd/system/kubelet.service":    true,
+		"/etc/systemd/system/containerd.service": false,
+		"/usr/bin/kubelet":                       false,
+	} {
+		if got := ReservedHostPath(p) != ""; got != reserved {
+			t.Errorf("ReservedHostPath(%s) reserved = %v, want %v", p, got, reserved)
+		}
+	}
+}
