@@ -3,6 +3,7 @@ package phases
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -13,6 +14,7 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -95,6 +97,17 @@ func runImages(ctx context.Context, r *Run) error {
 		return fmt.Errorf("taking a containerd lease: %w", err)
 	}
 	defer done(context.WithoutCancel(ctx))
+	leaseID, _ := leases.FromContext(ctx)
+	// keep adds a blob already in the store to this run's lease: unless an
+	// image references it (an earlier run was stopped before naming), the
+	// garbage collector may remove it before this run names the image.
+	keep := func(d digest.Digest) error {
+		err := c.LeasesService().AddResource(ctx, leases.Lease{ID: leaseID}, leases.Resource{ID: d.String(), Type: "content"})
+		if err != nil {
+			return hostError{fmt.Errorf("keeping %s in containerd's lease: %w", d, err)}
+		}
+		return nil
+	}
 
 	cs := c.ContentStore()
 	buf := make([]byte, 1<<20)
@@ -106,32 +119,41 @@ func runImages(ctx context.Context, r *Run) error {
 	}
 	defer f.Close()
 	_, digestNow, err := bundle.Read(f, bundle.Visitor{Blob: func(b bundle.BlobEntry, rd io.Reader) error {
-		d := digest.Digest(b.Digest)
-		if info, err := cs.Info(ctx, d); err == nil && info.Size == b.Size {
-			present++
-			return nil
+		// Between two blobs is a safe point to stop at: the lease keeps
+		// what was committed until the re-run names it.
+		if err := ctx.Err(); err != nil {
+			return hostError{err}
 		}
-		w, err := content.OpenWriter(ctx, cs, content.WithRef("airadm-"+d.Encoded()),
-			content.WithDescriptor(ocispec.Descriptor{Digest: d, Size: b.Size}))
+		d := digest.Digest(b.Digest)
+		info, err := cs.Info(ctx, d)
+		if err == nil && info.Size == b.Size {
+			present++
+			return keep(d)
+		}
+		if err != nil && !errdefs.IsNotFound(err) {
+			return hostError{fmt.Errorf("asking containerd for %s: %w", d, err)}
+		}
+		w, err := openIngest(ctx, cs, d, b.Size)
 		if errdefs.IsAlreadyExists(err) {
 			present++
-			return nil
+			return keep(d)
 		}
 		if err != nil {
-			return fmt.Errorf("opening containerd ingest for %s: %w", d, err)
+			return hostError{fmt.Errorf("opening containerd ingest for %s: %w", d, err)}
 		}
 		defer w.Close()
 		// Truncate resumes nothing: an ingest left by a killed run restarts.
 		if err := w.Truncate(0); err != nil {
-			return err
+			return hostError{fmt.Errorf("restarting containerd ingest for %s: %w", d, err)}
 		}
-		// Large writes: each is one gRPC message to containerd.
-		if _, err := io.CopyBuffer(struct{ io.Writer }{w}, rd, buf); err != nil {
+		// Large writes: each is one gRPC message to containerd. A failed
+		// write is containerd's, a failed read the bundle's.
+		if _, err := io.CopyBuffer(hostWriter{w, d}, rd, buf); err != nil {
 			return err
 		}
 		// containerd checks size and digest again at commit.
 		if err := w.Commit(ctx, b.Size, d); err != nil && !errdefs.IsAlreadyExists(err) {
-			return fmt.Errorf("committing %s to containerd: %w", d, err)
+			return hostError{fmt.Errorf("committing %s to containerd: %w", d, err)}
 		}
 		imported++
 		bytes += b.Size
@@ -144,6 +166,13 @@ func runImages(ctx context.Context, r *Run) error {
 		// commit and refuses a mismatch, so this pass need not.
 		BlobDigestsCheckedByConsumer: true,
 	})
+	if he := (hostError{}); errors.As(err, &he) {
+		// containerd failed (or the run was cancelled), not the bundle:
+		// the reader's EntryError around it would blame the bundle and
+		// exit 2. What was committed stays; a re-run skips it.
+		sock, _ := r.criSocket(files)
+		return fmt.Errorf("importing images into containerd at %s: %w", sock, he.err)
+	}
 	if err != nil {
 		return fmt.Errorf("verifying %s: %w", r.Bundle, err)
 	}
@@ -159,7 +188,8 @@ func runImages(ctx context.Context, r *Run) error {
 		g.Go(func() error { return r.createImage(ctx, c, im) })
 	}
 	if err := g.Wait(); err != nil {
-		return err
+		sock, _ := r.criSocket(files)
+		return fmt.Errorf("naming and unpacking images in containerd at %s: %w", sock, err)
 	}
 	r.logf("  imported %d blobs (%.1f MB), %d already present; %d images named, pinned and unpacked", imported, float64(bytes)/1e6, present, len(r.Manifest.Images))
 	return nil
@@ -218,6 +248,46 @@ func (r *Run) createImage(ctx context.Context, c *containerd.Client, im bundle.I
 		return fmt.Errorf("unpacking %s: %w", im.Ref, err)
 	}
 	return nil
+}
+
+// openIngest opens containerd's writer for blob d. containerd answers
+// Unavailable both while another writer holds the ref (a run just killed)
+// and when it is gone; content.OpenWriter retries that until ctx ends,
+// which would hang apply on a dead containerd, so retry for a while only.
+func openIngest(ctx context.Context, cs content.Store, d digest.Digest, size int64) (content.Writer, error) {
+	deadline := time.Now().Add(10 * time.Second)
+	for wait := 10 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+		w, err := cs.Writer(ctx, content.WithRef("airadm-"+d.Encoded()), content.WithDescriptor(ocispec.Descriptor{Digest: d, Size: size}))
+		if err == nil || !errdefs.IsUnavailable(err) || time.Now().After(deadline) {
+			return w, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+// hostError marks an error of containerd or of the run, raised inside the
+// bundle reader's callback, so that it is not reported as the bundle's.
+type hostError struct{ err error }
+
+func (e hostError) Error() string { return e.err.Error() }
+func (e hostError) Unwrap() error { return e.err }
+
+// hostWriter tags containerd's write errors as hostErrors.
+type hostWriter struct {
+	w io.Writer
+	d digest.Digest
+}
+
+func (h hostWriter) Write(p []byte) (int, error) {
+	n, err := h.w.Write(p)
+	if err != nil {
+		err = hostError{fmt.Errorf("writing %s to containerd: %w", h.d, err)}
+	}
+	return n, err
 }
 
 // digestRef is repo@digest for a tagged reference.

@@ -3,9 +3,11 @@ package phases_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -215,5 +217,115 @@ func TestSandboxImageCheck(t *testing.T) {
 	os.WriteFile(cfg, []byte("version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.10.2\"\n"), 0o644)
 	if err := run(); err != nil {
 		t.Fatalf("containerd 1.x config naming the bundle's pause: %v", err)
+	}
+}
+
+// TestContainerdDyingMidImportIsNotTheBundles kills the real containerd
+// after the first blob is imported: the error names containerd and is not
+// a bundle error (main exits 2 for those), and once containerd is back a
+// re-run converges.
+func TestContainerdDyingMidImportIsNotTheBundles(t *testing.T) {
+	ctd := containerdtest.Start(t)
+	path, digest, _ := quickstartWorkerBundle(t)
+	var out bytes.Buffer
+	killed := false
+	o := phases.Options{Bundle: path, ManifestDigest: digest, Root: t.TempDir(), Node: "w1", Only: "images", CRISocket: ctd.Endpoint(), Out: &out,
+		Progress: func(string) {
+			if !killed {
+				killed = true
+				ctd.Kill()
+			}
+		}}
+	err := phases.Apply(context.Background(), o)
+	if err == nil {
+		t.Fatal("the import succeeded although containerd was killed")
+	}
+	var be *bundle.EntryError
+	if errors.As(err, &be) || strings.Contains(err.Error(), "verifying") || !strings.Contains(err.Error(), "importing images into containerd at "+ctd.Socket) {
+		t.Errorf("err = %v\nwant it to name containerd, not blame the bundle", err)
+	}
+	t.Logf("with containerd killed: %v", err)
+	ctd.Restart(t)
+	o.Progress = nil
+	out.Reset()
+	if err := phases.Apply(context.Background(), o); err != nil {
+		t.Fatalf("re-run with containerd back: %v\n%s", err, out.String())
+	}
+	if !strings.Contains(out.String(), "3 images named, pinned and unpacked") {
+		t.Errorf("re-run output:\n%s", out.String())
+	}
+}
+
+// TestCancelDuringImportStopsSafely cancels the context (SIGINT or SIGTERM
+// in main) after the first blob: the phase stops with the cancellation,
+// not a bundle error, is not recorded as finished, and a re-run converges.
+func TestCancelDuringImportStopsSafely(t *testing.T) {
+	ctd := containerdtest.Start(t)
+	path, digest, _ := quickstartWorkerBundle(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	root := t.TempDir()
+	var out bytes.Buffer
+	o := phases.Options{Bundle: path, ManifestDigest: digest, Root: root, Node: "w1", Only: "images", CRISocket: ctd.Endpoint(), Out: &out,
+		Progress: func(string) { cancel() }}
+	err := phases.Apply(ctx, o)
+	var be *bundle.EntryError
+	if !errors.Is(err, context.Canceled) || errors.As(err, &be) {
+		t.Fatalf("err = %v, want the cancellation and no bundle error", err)
+	}
+	if j, err := phases.LoadJournal(root); err != nil || slices.Contains(j.Phases, "images") {
+		t.Errorf("journal = %+v, %v; the interrupted phase is recorded", j, err)
+	}
+	o.Progress = nil
+	out.Reset()
+	if err := phases.Apply(context.Background(), o); err != nil {
+		t.Fatalf("re-run: %v\n%s", err, out.String())
+	}
+	if !strings.Contains(out.String(), "3 images named, pinned and unpacked") || !strings.Contains(out.String(), "already present") {
+		t.Errorf("re-run output:\n%s", out.String())
+	}
+}
+
+// TestResetUnderRootLeavesTheRuntimeAlone: reset --root DIR without
+// --cri-socket keeps the runtime's containers (that runtime is the host's);
+// with the socket given it removes them.
+func TestResetUnderRootLeavesTheRuntimeAlone(t *testing.T) {
+	ctd := containerdtest.Start(t)
+	path, digest, _ := quickstartWorkerBundle(t)
+	ctx := context.Background()
+	if err := phases.Apply(ctx, phases.Options{Bundle: path, ManifestDigest: digest, Root: t.TempDir(), Node: "w1", Only: "images", CRISocket: ctd.Endpoint()}); err != nil {
+		t.Fatal(err)
+	}
+	client, err := containerd.New(ctd.Socket, containerd.WithDefaultNamespace("k8s.io"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	img, err := client.GetImage(ctx, "registry.k8s.io/pause:"+render.PauseVersion)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.NewContainer(ctx, "left-alone", containerd.WithImage(img), containerd.WithNewSnapshot("left-alone", img)); err != nil {
+		t.Fatal(err)
+	}
+	count := func() int {
+		t.Helper()
+		cs, err := client.Containers(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(cs)
+	}
+	if err := phases.Reset(ctx, phases.ResetOptions{Root: t.TempDir()}); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(); n != 1 {
+		t.Errorf("reset --root without --cri-socket left %d containers, want 1", n)
+	}
+	if err := phases.Reset(ctx, phases.ResetOptions{Root: t.TempDir(), CRISocket: ctd.Endpoint()}); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(); n != 0 {
+		t.Errorf("reset --root --cri-socket left %d containers, want 0", n)
 	}
 }

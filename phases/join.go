@@ -85,7 +85,11 @@ func checkToken(ctx context.Context, bootstrapKubeconfig string) error {
 			return fmt.Errorf("the control plane rejects this node's bootstrap token: it has expired (join.token_ttl counts from the control plane's bootstrap-token phase) or was never published; renew it with `airadm apply phase bootstrap-token <control-plane>.bundle` on a control plane, then run this again")
 		}
 		last = err
-		time.Sleep(time.Second)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("checking the bootstrap token: %w", ctx.Err())
+		case <-time.After(time.Second):
+		}
 	}
 	return fmt.Errorf("checking the bootstrap token: %w", last)
 }

@@ -15,6 +15,7 @@ import (
 	kubeletv1beta1 "k8s.io/kubelet/config/v1beta1"
 	"sigs.k8s.io/yaml"
 
+	"airadm.dev/airadm/atomicfile"
 	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/render"
 )
@@ -107,6 +108,10 @@ func runKubelet(ctx context.Context, r *Run) error {
 		case err := <-exited:
 			b, _ := os.ReadFile(logPath)
 			return fmt.Errorf("kubelet exited at once (%v); the end of %s:\n%s", err, kubeletLogFile, lastLines(string(b), 15))
+		case <-ctx.Done():
+			// kubelet runs on, recorded in its PID file: a re-run finds
+			// it, and reset stops it.
+			return fmt.Errorf("waiting for kubelet (pid %d) to be healthy: %w", pid, ctx.Err())
 		case <-time.After(100 * time.Millisecond):
 		}
 		if resp, err := client.Get(healthz); err == nil {
@@ -163,8 +168,10 @@ func kubeletArgs(flagsEnv []byte, root string) ([]string, error) {
 	return append(args, strings.Fields(unq)...), nil
 }
 
+// writePID records kubelet's PID durably: reset after a crash must find
+// the kubelet apply started.
 func writePID(path string, pid int) error {
-	return os.WriteFile(path, []byte(strconv.Itoa(pid)+"\n"), 0o600)
+	return atomicfile.Write(path, []byte(strconv.Itoa(pid)+"\n"), 0o600)
 }
 
 // runningKubelet reads the PID file and checks that process is a live

@@ -24,6 +24,10 @@ type Containerd struct {
 	Root   string
 	State  string
 	Log    string
+
+	bin, config string
+	cmd         *exec.Cmd
+	exited      chan error
 }
 
 // Endpoint is the socket as a CRI runtime endpoint.
@@ -90,37 +94,18 @@ func Start(t testing.TB) *Containerd {
 		State:  filepath.Join(dir, "state"),
 		Socket: filepath.Join(dir, "c.sock"),
 		Log:    filepath.Join(dir, "containerd.log"),
+		bin:    bin,
+		config: filepath.Join(dir, "config.toml"),
 	}
-	cfg := filepath.Join(dir, "config.toml")
 	body := Config(Paths{Root: c.Root, State: c.State, Socket: c.Socket, Opt: filepath.Join(dir, "opt"),
 		RuncRoot: filepath.Join(dir, "runc"), CNIBin: filepath.Dir(bin), CNIConf: filepath.Join(dir, "cni"),
 		Sandbox: "registry.k8s.io/pause:" + render.PauseVersion})
-	if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
+	if err := os.WriteFile(c.config, []byte(body), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	log, err := os.Create(c.Log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "--config", cfg)
-	cmd.Stdout, cmd.Stderr = log, log
-	// The shim must come from the same build: put it first on PATH.
-	cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(bin)+":"+os.Getenv("PATH"))
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait(); log.Close() }()
 	t.Cleanup(func() {
 		c.stopShims()
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-exited
-		}
+		c.stop(syscall.SIGTERM)
 		unmountUnder(dir)
 		if t.Failed() {
 			b, _ := os.ReadFile(c.Log)
@@ -128,13 +113,68 @@ func Start(t testing.TB) *Containerd {
 		}
 		os.RemoveAll(dir)
 	})
+	c.start(t)
+	return c
+}
+
+// Kill stops containerd with SIGKILL, as a crash or the OOM killer would,
+// and waits until it is gone; its root and state stay for Restart.
+func (c *Containerd) Kill() { c.stop(syscall.SIGKILL) }
+
+// Restart starts containerd again on the same root, state and socket,
+// after Kill.
+func (c *Containerd) Restart(t testing.TB) {
+	t.Helper()
+	c.stop(syscall.SIGTERM)
+	c.start(t)
+}
+
+// stop sends sig to containerd's process group and waits for the exit;
+// a process that ignores SIGTERM for 10s gets SIGKILL.
+func (c *Containerd) stop(sig syscall.Signal) {
+	if c.cmd == nil {
+		return
+	}
+	syscall.Kill(-c.cmd.Process.Pid, sig)
+	select {
+	case <-c.exited:
+	case <-time.After(10 * time.Second):
+		syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL)
+		<-c.exited
+	}
+	c.cmd = nil
+}
+
+// start runs containerd and waits for its socket.
+func (c *Containerd) start(t testing.TB) {
+	t.Helper()
+	// A killed containerd leaves its socket; waiting for it must see the
+	// new one.
+	os.Remove(c.Socket)
+	log, err := os.OpenFile(c.Log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(c.bin, "--config", c.config)
+	cmd.Stdout, cmd.Stderr = log, log
+	// The shim must come from the same build: put it first on PATH.
+	cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(c.bin)+":"+os.Getenv("PATH"))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		log.Close()
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait(); log.Close() }()
+	c.cmd, c.exited = cmd, exited
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if _, err := os.Stat(c.Socket); err == nil {
-			return c
+			return
 		}
 		select {
 		case err := <-exited:
+			c.cmd = nil
 			b, _ := os.ReadFile(c.Log)
 			t.Fatalf("containerd exited (%v):\n%s", err, tail(string(b), 30))
 		default:
