@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -87,7 +88,7 @@ func phaseNames() string {
 // ResetCmd undoes apply on this host.
 type ResetCmd struct {
 	Root      string `default:"/" help:"Treat DIR as the host's /."`
-	CRISocket string `name:"cri-socket" default:"unix:///var/run/containerd/containerd.sock" help:"Container runtime whose Kubernetes containers to remove."`
+	CRISocket string `name:"cri-socket" help:"Container runtime whose Kubernetes containers to remove (default: unix:///var/run/containerd/containerd.sock when --root is /, none under another root)."`
 	Force     bool   `short:"f" help:"Do not ask for confirmation."`
 }
 
@@ -103,5 +104,9 @@ func (cmd *ResetCmd) Run(env *Env) error {
 			return fmt.Errorf("resetting: not confirmed")
 		}
 	}
-	return phases.Reset(context.Background(), phases.ResetOptions{Root: cmd.Root, Out: env.Stdout, CRISocket: cmd.CRISocket})
+	err := phases.Reset(context.Background(), phases.ResetOptions{Root: cmd.Root, Out: env.Stdout, CRISocket: cmd.CRISocket})
+	if errors.Is(err, phases.ErrNoRoot) {
+		return usageError{err}
+	}
+	return err
 }

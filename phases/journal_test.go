@@ -305,3 +305,27 @@ func TestDryRunSaysWhatItDidNotCheck(t *testing.T) {
 		t.Errorf("dry-run output:\n%s", s)
 	}
 }
+
+// TestResetCommandUnderRoot runs the real `airadm reset`: a --root that
+// does not exist is bad usage (exit 2) and is not created, and under an
+// existing root other than / the host's default containerd socket is not
+// touched unless --cri-socket is given.
+func TestResetCommandUnderRoot(t *testing.T) {
+	airadm := filepath.Join(t.TempDir(), "airadm")
+	if out, err := exec.Command("go", "build", "-o", airadm, "..").CombinedOutput(); err != nil {
+		t.Fatalf("building airadm: %v\n%s", err, out)
+	}
+	missing := filepath.Join(t.TempDir(), "does-not-exist")
+	out, err := exec.Command(airadm, "reset", "--force", "--root", missing).CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 2 || !strings.Contains(string(out), "--root must name an existing directory") {
+		t.Errorf("reset --root %s: %v\n%s", missing, err, out)
+	}
+	if _, err := os.Stat(missing); !os.IsNotExist(err) {
+		t.Errorf("reset created %s", missing)
+	}
+	out, err = exec.Command(airadm, "reset", "--force", "--root", t.TempDir()).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "left the container runtime alone") || strings.Contains(string(out), "removed 0 containers") {
+		t.Errorf("reset --root DIR: %v\n%s", err, out)
+	}
+}
