@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -59,6 +60,9 @@ type Options struct {
 	Log func(string)
 	// Progress, if set, follows the image pull.
 	Progress func(bundle.Progress)
+	// HTTPClient fetches [host] sources given as URLs; nil means Go's
+	// defaults (the system trust store, the environment's proxy).
+	HTTPClient *http.Client
 }
 
 // Bundle is one written bundle.
@@ -89,8 +93,9 @@ func inputErr(format string, args ...any) error {
 const stagingPrefix = ".staging-"
 
 // Run builds. Everything that can be checked is checked before anything is
-// created: the node names, the output path, the platform and every image's
-// presence in images.layout.
+// created: the node names, the output path, the platform, every image's
+// presence in images.layout, and every host file's source and digest (the
+// sources are fetched into the cache first).
 func Run(ctx context.Context, o Options) (*Result, error) {
 	c := o.Cluster
 	full := len(o.Nodes) == 0
@@ -127,6 +132,12 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		pullNodes = appendMissing(nodes, controlPlanes(c))
 	}
 	cache, err := bundle.OpenCache(o.CacheDir)
+	if err != nil {
+		return nil, err
+	}
+	// Host binaries before images: a wrong sha256 should not wait for a
+	// long pull to be reported.
+	host, err := hostFiles(ctx, c, &bundle.Fetcher{Cache: cache, Client: o.HTTPClient}, roles(c, pullNodes))
 	if err != nil {
 		return nil, err
 	}
@@ -190,7 +201,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		n, _ := c.Node(name)
 		contents := bundle.Contents{
 			Cluster: c.Name, Node: name, Role: string(n.Role), KubernetesVersion: c.KubernetesVersion,
-			BuildTime: o.BuildTime, Files: rendered[name],
+			BuildTime: o.BuildTime, Files: rendered[name], StoredFiles: host[n.Role],
 		}
 		for _, r := range c.NodeImages(n) {
 			contents.Images = append(contents.Images, byRef[r])
@@ -253,6 +264,18 @@ func nodeList(c *render.Cluster, want []string, config string) ([]string, error)
 		return nil, inputErr("building %s: no node of that name in %s (nodes: %s)", strings.Join(unknown, ", "), config, strings.Join(names, ", "))
 	}
 	return out, nil
+}
+
+// roles lists the roles of the named nodes.
+func roles(c *render.Cluster, nodes []string) []render.Role {
+	var out []render.Role
+	for _, name := range nodes {
+		n, _ := c.Node(name)
+		if !slices.Contains(out, n.Role) {
+			out = append(out, n.Role)
+		}
+	}
+	return out
 }
 
 func controlPlanes(c *render.Cluster) []string {

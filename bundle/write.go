@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"io/fs"
 	"sort"
 	"time"
 
@@ -38,7 +39,18 @@ type Contents struct {
 	KubernetesVersion string
 	BuildTime         time.Time
 	Files             []render.File
-	Images            []Image
+	// StoredFiles are host files whose bytes are blobs of the BlobStore
+	// (host binaries), streamed into the bundle rather than held in memory.
+	StoredFiles []StoredFile
+	Images      []Image
+}
+
+// StoredFile is a host file whose contents are the blob Digest.
+type StoredFile struct {
+	Path   string
+	Mode   fs.FileMode
+	Digest v1.Hash
+	Size   int64
 }
 
 // epoch is every entry's mtime: times in the tar carry no information, and a
@@ -61,6 +73,9 @@ func (c Contents) Manifest() (*Manifest, error) {
 	for _, f := range c.Files {
 		sum := sha256.Sum256(f.Data)
 		m.Files = append(m.Files, FileEntry{Path: f.Path, Mode: fmt.Sprintf("%04o", f.Mode.Perm()), Size: int64(len(f.Data)), SHA256: hex.EncodeToString(sum[:])})
+	}
+	for _, f := range c.StoredFiles {
+		m.Files = append(m.Files, FileEntry{Path: f.Path, Mode: fmt.Sprintf("%04o", f.Mode.Perm()), Size: f.Size, SHA256: f.Digest.Hex})
 	}
 	sort.Slice(m.Files, func(i, j int) bool { return m.Files[i].Path < m.Files[j].Path })
 	blobs := map[string]int64{}
@@ -113,6 +128,10 @@ func Write(w io.Writer, c Contents, store BlobStore) (*Manifest, string, error) 
 	for _, f := range c.Files {
 		data[f.Path] = f
 	}
+	stored := map[string]StoredFile{}
+	for _, f := range c.StoredFiles {
+		stored[f.Path] = f
+	}
 	buf := make([]byte, 1<<20)
 	for _, e := range m.entries(index) {
 		var mode int64 = 0o644
@@ -120,6 +139,10 @@ func Write(w io.Writer, c Contents, store BlobStore) (*Manifest, string, error) 
 		switch {
 		case e.content != nil:
 			fill = func(w io.Writer) error { _, err := w.Write(e.content); return err }
+		case e.file != "" && stored[e.file].Path != "":
+			f := stored[e.file]
+			mode = int64(f.Mode.Perm())
+			fill = func(w io.Writer) error { return copyBlob(w, store, f.Digest, f.Size, buf) }
 		case e.file != "":
 			f := data[e.file]
 			mode = int64(f.Mode.Perm())
