@@ -200,22 +200,27 @@ func TestSandboxImageCheck(t *testing.T) {
 	path, digest, _ := quickstartWorkerBundle(t)
 	root := t.TempDir()
 	cfg := filepath.Join(root, "config.toml")
-	run := func() error {
+	run := func(cfg string) error {
 		var out bytes.Buffer
 		return phases.Apply(context.Background(), phases.Options{Bundle: path, ManifestDigest: digest, Root: root, Node: "w1",
 			Only: "preflight", ContainerdConfig: cfg, IgnorePreflight: []string{"ports"}, Out: &out})
 	}
-	// No config file: containerd's default, registry.k8s.io/pause:3.10.2, which the bundle has.
-	if err := run(); err != nil {
+	// No config file at the default path: containerd's default,
+	// registry.k8s.io/pause:3.10.2, which the bundle has.
+	if err := run(""); err != nil {
 		t.Fatalf("default sandbox: %v", err)
 	}
+	// A config file named but missing is a mistake, not the default.
+	if err := run(cfg); err == nil || !strings.Contains(err.Error(), "sandbox-image: reading containerd's config: open "+cfg) {
+		t.Fatalf("missing --containerd-config: %v", err)
+	}
 	os.WriteFile(cfg, []byte("version = 4\n[plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = 'mirror.example/pause:3.10.2'\n"), 0o644)
-	err := run()
+	err := run(cfg)
 	if err == nil || !strings.Contains(err.Error(), "sandbox-image: containerd will use mirror.example/pause:3.10.2 ("+cfg+") for pod sandboxes but the bundle carries registry.k8s.io/pause:3.10.2") {
 		t.Fatalf("err = %v", err)
 	}
 	os.WriteFile(cfg, []byte("version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.10.2\"\n"), 0o644)
-	if err := run(); err != nil {
+	if err := run(cfg); err != nil {
 		t.Fatalf("containerd 1.x config naming the bundle's pause: %v", err)
 	}
 }
