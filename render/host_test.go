@@ -2,7 +2,10 @@ package render
 
 import (
 	"io/fs"
+	"path"
+	"regexp"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -70,6 +73,36 @@ func TestReservedHostPath(t *testing.T) {
 	} {
 		if got := ReservedHostPath(p) != ""; got != reserved {
 			t.Errorf("ReservedHostPath(%s) reserved = %v, want %v", p, got, reserved)
+		}
+	}
+}
+
+// TestTemplateHostSection: the init template's commented [host] section,
+// uncommented with digests filled in, validates, and its Kubernetes URLs
+// name the pinned version.
+func TestTemplateHostSection(t *testing.T) {
+	i := strings.Index(Template, "# Host binaries")
+	if i < 0 {
+		t.Fatal("the template has no host binaries section")
+	}
+	var b strings.Builder
+	b.WriteString(Template[:i])
+	for _, l := range strings.Split(Template[i:], "\n") {
+		if s, ok := strings.CutPrefix(l, "# "); ok && (strings.HasPrefix(s, "[[") || strings.Contains(s, " = ")) {
+			l = regexp.MustCompile(`"<[^>]*>"`).ReplaceAllString(s, `"`+strings.Repeat("0", 64)+`"`)
+		}
+		b.WriteString(l + "\n")
+	}
+	c, err := Parse("template", []byte(b.String()))
+	if err != nil {
+		t.Fatalf("the uncommented host section does not validate: %v", err)
+	}
+	if len(c.HostFiles) != 3 || len(c.HostArchives) != 3 {
+		t.Fatalf("uncommented: %d host files and %d archives, want 3 and 3", len(c.HostFiles), len(c.HostArchives))
+	}
+	for _, f := range c.HostFiles[:2] {
+		if want := "https://dl.k8s.io/release/" + KubernetesVersion + "/bin/linux/amd64/" + path.Base(f.Path); f.Location != want {
+			t.Errorf("%s: source %s, want %s", f.Path, f.Location, want)
 		}
 	}
 }
