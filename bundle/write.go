@@ -132,7 +132,7 @@ func Write(w io.Writer, c Contents, store BlobStore) (*Manifest, string, error) 
 	for _, f := range c.StoredFiles {
 		stored[f.Path] = f
 	}
-	buf := make([]byte, 1<<20)
+	buf := newHashPipe()
 	for _, e := range m.entries(index) {
 		var mode int64 = 0o644
 		var fill func(io.Writer) error
@@ -179,18 +179,79 @@ func writeEntry(tw *tar.Writer, name string, mode, size int64, fill func(io.Writ
 	return nil
 }
 
-func copyBlob(w io.Writer, store BlobStore, h v1.Hash, size int64, buf []byte) error {
+func copyBlob(w io.Writer, store BlobStore, h v1.Hash, size int64, p *hashPipe) error {
 	rc, err := store.Open(h)
 	if err != nil {
 		return err
 	}
 	defer rc.Close()
 	sum := sha256.New()
-	n, err := io.CopyBuffer(io.MultiWriter(w, sum), io.LimitReader(rc, size+1), buf)
+	n, err := p.copy(w, io.LimitReader(rc, size+1), sum)
 	if err != nil {
 		return err
 	}
 	return checkDigest(sum, n, size, h.Hex)
+}
+
+// hashPipe copies while hashing what it copies on another goroutine: the
+// caller's writer usually hashes the whole bundle too, and the two hashes
+// of each byte then run on two cores instead of one after the other, which
+// keeps writing a bundle of large blobs (host binaries, layers) close to
+// the cost of one copy with one hash.
+type hashPipe struct {
+	free chan []byte
+}
+
+const pipeChunk = 1 << 20
+
+func newHashPipe() *hashPipe {
+	p := &hashPipe{free: make(chan []byte, 3)}
+	for i := 0; i < cap(p.free); i++ {
+		p.free <- make([]byte, pipeChunk)
+	}
+	return p
+}
+
+// copy copies r to w, feeding the same bytes to sum, and returns how many
+// bytes it copied. Every buffer is back in the pool when it returns.
+func (p *hashPipe) copy(w io.Writer, r io.Reader, sum hash.Hash) (int64, error) {
+	work := make(chan []byte, cap(p.free))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for b := range work {
+			sum.Write(b)
+			p.free <- b[:cap(b)]
+		}
+	}()
+	var n int64
+	var err error
+	for {
+		b := <-p.free
+		k, rerr := io.ReadFull(r, b)
+		if k > 0 {
+			// Both read b; neither writes it, and it returns to the
+			// pool only once hashed, after Write has returned.
+			work <- b[:k]
+			if _, werr := w.Write(b[:k]); werr != nil {
+				err = werr
+				break
+			}
+			n += int64(k)
+		} else {
+			p.free <- b
+		}
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+			break
+		}
+		if rerr != nil {
+			err = rerr
+			break
+		}
+	}
+	close(work)
+	<-done
+	return n, err
 }
 
 func checkDigest(sum hash.Hash, n, size int64, wantHex string) error {
