@@ -163,16 +163,61 @@ func EnsureNodeBootstrapRBAC(ctx context.Context, cs kubernetes.Interface) error
 }
 
 // EnsureBootstrapToken stores a worker's token Secret, expiring ttl after
-// now (never, if ttl is zero).
+// now (never, if ttl is zero). A Secret that already holds this token and is
+// still valid is left exactly as it is: re-applying a control-plane bundle
+// (to publish a new worker's token, say) must not move the other tokens'
+// expiry or rewrite their Secrets. An expired one, or one whose content
+// differs, is renewed, which is how a token is renewed on purpose.
 func EnsureBootstrapToken(ctx context.Context, cs kubernetes.Interface, t render.Token, node string, now time.Time, ttl time.Duration) error {
 	var expires time.Time
 	if ttl > 0 {
 		expires = now.Add(ttl)
 	}
 	s := BootstrapTokenSecret(t, node, expires)
-	if err := createOrUpdate(ctx, cs.CoreV1().Secrets(metav1.NamespaceSystem), s, keepVersion); err != nil {
+	secrets := cs.CoreV1().Secrets(metav1.NamespaceSystem)
+	err := retry(ctx, "creating "+s.Name, func(ctx context.Context) error {
+		_, err := secrets.Create(ctx, s, metav1.CreateOptions{})
+		if !apierrors.IsAlreadyExists(err) {
+			return err
+		}
+		live, err := secrets.Get(ctx, s.Name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if liveTokenCurrent(live, s, now) {
+			return nil
+		}
+		s.ResourceVersion = live.ResourceVersion
+		_, err = secrets.Update(ctx, s, metav1.UpdateOptions{})
+		return err
+	})
+	if err != nil {
 		// The secret's name holds only the public token ID.
 		return fmt.Errorf("storing bootstrap token for %s: %w", node, err)
 	}
 	return nil
+}
+
+// liveTokenCurrent reports whether the live token Secret is the one want
+// describes, apart from its expiry, and has not expired (or, like want,
+// never expires).
+func liveTokenCurrent(live, want *corev1.Secret, now time.Time) bool {
+	if live.Type != want.Type || len(live.Data) != len(want.Data) {
+		return false
+	}
+	for k, v := range want.Data {
+		lv, ok := live.Data[k]
+		if !ok {
+			return false
+		}
+		if k != bootstrapapi.BootstrapTokenExpirationKey && string(lv) != string(v) {
+			return false
+		}
+	}
+	exp, ok := live.Data[bootstrapapi.BootstrapTokenExpirationKey]
+	if !ok {
+		return true // never expires, as wanted (the lengths matched)
+	}
+	t, err := time.Parse(time.RFC3339, string(exp))
+	return err == nil && t.After(now)
 }

@@ -259,7 +259,18 @@ func (r *Run) ensureClusterInfo(ctx context.Context, files map[string][]byte) er
 		ObjectMeta: metav1.ObjectMeta{Name: bootstrapapi.ConfigMapClusterInfo, Namespace: metav1.NamespacePublic},
 		Data:       map[string]string{bootstrapapi.KubeConfigKey: string(kubeconfig)},
 	}
-	if err := createOrUpdate(ctx, cs.CoreV1().ConfigMaps(metav1.NamespacePublic), cm, keepVersion); err != nil {
+	// The controller-manager's bootstrap signer adds a signature per token
+	// to cluster-info; keep them, so that a re-apply does not strip and
+	// re-sign them (and leaves cluster-info untouched when nothing changed).
+	keepSignatures := func(live, obj *corev1.ConfigMap) {
+		obj.ResourceVersion = live.ResourceVersion
+		for k, v := range live.Data {
+			if strings.HasPrefix(k, bootstrapapi.JWSSignatureKeyPrefix) {
+				obj.Data[k] = v
+			}
+		}
+	}
+	if err := createOrUpdate(ctx, cs.CoreV1().ConfigMaps(metav1.NamespacePublic), cm, keepSignatures); err != nil {
 		return err
 	}
 	role := &rbacv1.Role{
