@@ -12,6 +12,8 @@ import (
 	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -29,6 +31,20 @@ var hostBytes = flag.Int64("build.hostbytes", 250<<20, "bytes of host binaries i
 // build with the sources already in the cache over the baseline (target
 // <= 1.2); "cold-ratio" is a first build, which also copies every source
 // into the cache, over the baseline.
+// resetPeakRSS makes VmHWM start again from the current RSS (Linux).
+func resetPeakRSS() { os.WriteFile("/proc/self/clear_refs", []byte("5"), 0) }
+
+func peakRSSMiB() float64 {
+	b, _ := os.ReadFile("/proc/self/status")
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			return kb / 1024
+		}
+	}
+	return -1
+}
+
 // syncFS flushes every dirty page, so that one measured step does not pay
 // for the writes of the one before.
 func syncFS() { unix.Sync() }
@@ -93,6 +109,7 @@ func BenchmarkHostFiles(b *testing.B) {
 	out := filepath.Join(dir, "out")
 	run(warmCache, out) // fills the cache and secrets/
 	var base, warm, cold time.Duration
+	var peak float64
 	for b.Loop() {
 		// Cold first, so that its writes to the cache are not still
 		// being flushed while the two being compared run.
@@ -104,12 +121,16 @@ func BenchmarkHostFiles(b *testing.B) {
 		syncFS()
 		base += baseline()
 		syncFS()
+		resetPeakRSS()
 		t0 = time.Now()
 		run(warmCache, out)
 		warm += time.Since(t0)
+		peak = max(peak, peakRSSMiB())
 		syncFS()
 	}
 	b.SetBytes(*hostBytes)
 	b.ReportMetric(float64(warm)/float64(base), "ratio")
 	b.ReportMetric(float64(cold)/float64(base), "cold-ratio")
+	// Host files stream from the cache: far below *hostBytes.
+	b.ReportMetric(peak, "peak-RSS-MiB")
 }
