@@ -336,3 +336,51 @@ func TestHostFilesSSLCertFile(t *testing.T) {
 		}
 	}
 }
+
+// TestHostBinaryWithSecretMarker: the real kubelet and kubectl contain the
+// bytes client-key-data (client-go's kubeconfig struct tags), which the
+// reader's scan of a worker's files looks for. A worker's bundle that
+// carries them under /usr must still read; the same bytes in a file of
+// the directories airadm renders into, or anywhere under /etc, are still
+// refused.
+func TestHostBinaryWithSecretMarker(t *testing.T) {
+	cfg := quickstart(t)
+	dir := filepath.Dir(cfg)
+	kubelet := []byte("\x7fELF...`json:\"client-key-data,omitempty\"`...")
+	os.WriteFile(filepath.Join(dir, "kubelet"), kubelet, 0o644)
+	withHost(t, cfg, fmt.Sprintf(`
+[[host.files]]
+path = "/usr/bin/kubelet"
+source = "kubelet"
+sha256 = %q
+`, sha(kubelet)))
+	out := filepath.Join(t.TempDir(), "out")
+	if _, err := quickBuild(context.Background(), cfg, out, time.Unix(1767225600, 0)); err != nil {
+		t.Fatal(err)
+	}
+	if got := bundleFiles(t, filepath.Join(out, "w1.bundle"))["/usr/bin/kubelet"]; got != "0755 "+string(kubelet) {
+		t.Errorf("/usr/bin/kubelet = %q", got)
+	}
+
+	cfg = quickstart(t)
+	dir = filepath.Dir(cfg)
+	os.WriteFile(filepath.Join(dir, "kubelet"), kubelet, 0o644)
+	withHost(t, cfg, fmt.Sprintf(`
+[[host.files]]
+path = "/etc/default/kubelet-key"
+source = "kubelet"
+sha256 = %q
+`, sha(kubelet)))
+	out = filepath.Join(t.TempDir(), "out")
+	if _, err := quickBuild(context.Background(), cfg, out, time.Unix(1767225600, 0)); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(out, "w1.bundle"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, _, err := bundle.Read(f, bundle.Visitor{}); err == nil || !strings.Contains(err.Error(), "client-key-data") {
+		t.Errorf("a worker's bundle with client-key-data under /etc read with error %v", err)
+	}
+}

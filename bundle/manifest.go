@@ -222,7 +222,21 @@ var workerForbiddenKubeconfigs = map[string]bool{
 	"/etc/kubernetes/controller-manager.conf": true, "/etc/kubernetes/scheduler.conf": true,
 }
 
-// secretMarkers are the bytes no file of a worker's bundle may contain: the
+// contentScanned says whether a worker's file at p is scanned for
+// secretMarkers: every file but those in the directories programs live in.
+// Host binaries go there, and real ones hold the markers as plain strings
+// (kubelet and kubectl carry client-go's client-key-data struct tag), while
+// keys and kubeconfigs never belong there.
+func contentScanned(p string) bool {
+	for _, dir := range []string{"/usr/", "/opt/", "/bin/", "/sbin/", "/lib/", "/lib64/"} {
+		if strings.HasPrefix(p, dir) {
+			return false
+		}
+	}
+	return true
+}
+
+// secretMarkers are the bytes no scanned file of a worker's bundle may contain: the
 // end of a PEM private key's BEGIN line (PKCS#1, SEC 1, PKCS#8, encrypted
 // or OpenSSH) and a kubeconfig's embedded client key.
 var secretMarkers = [][]byte{[]byte("PRIVATE KEY-----"), []byte("client-key-data")}

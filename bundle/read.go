@@ -153,7 +153,7 @@ func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 		if v.BlobDigestsCheckedByConsumer && v.Blob != nil && strings.HasPrefix(name, blobsPrefix) {
 			vr.sum, vr.wantHex = nil, ""
 		}
-		if e.file != "" && m.Role == "worker" {
+		if e.file != "" && m.Role == "worker" && contentScanned(e.file) {
 			vr.secrets = &secretScan{}
 		}
 		var visit func() error
