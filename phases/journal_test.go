@@ -329,3 +329,75 @@ func TestResetCommandUnderRoot(t *testing.T) {
 		t.Errorf("reset --root DIR: %v\n%s", err, out)
 	}
 }
+
+// TestSIGTERMStopsApplyAtASafePoint sends SIGTERM (what systemd and
+// cloud-init send) to a real `airadm apply` while its kubelet phase waits
+// for a kubelet that never gets healthy: apply stops at once with exit 1,
+// the journal records the phases that finished and not the interrupted
+// one, and a reset then leaves nothing, the kubelet stopped too.
+func TestSIGTERMStopsApplyAtASafePoint(t *testing.T) {
+	c := clustertest.New(t, cfg+`
+[[nodes]]
+name = "w1"
+role = "worker"
+address = "127.0.1.21"
+`)
+	path, digest := c.Bundle(t, "w1", nil, nil)
+	dir := t.TempDir()
+	airadm := filepath.Join(dir, "airadm")
+	if out, err := exec.Command("go", "build", "-o", airadm, "..").CombinedOutput(); err != nil {
+		t.Fatalf("building airadm: %v\n%s", err, out)
+	}
+	// A kubelet that runs but never answers /healthz; argv[0] "kubelet"
+	// so that reset recognises it by its PID file.
+	kubelet := filepath.Join(dir, "kubelet")
+	if err := os.WriteFile(kubelet, []byte("#!/bin/bash\nexec -a kubelet sleep 300\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	cmd := exec.Command(airadm, "apply", "--root", root, "--node", "w1", "--manifest-digest", digest,
+		"--skip-phases", "images", "--ignore-preflight-errors", "ports,sandbox-image,swap",
+		"--kubelet", "exec", "--kubelet-binary", kubelet, path)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var seen bytes.Buffer
+	buf := make([]byte, 4096)
+	for !bytes.Contains(seen.Bytes(), []byte("[kubelet]")) {
+		n, err := stdout.Read(buf)
+		seen.Write(buf[:n])
+		if err != nil {
+			cmd.Wait()
+			t.Fatalf("apply ended before its kubelet phase: %v\n%s\n%s", err, seen.String(), stderr.String())
+		}
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	err = cmd.Wait()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(stderr.String(), "phase kubelet: stopped before it finished") {
+		t.Errorf("apply after SIGTERM: %v\n%s", err, stderr.String())
+	}
+	j, err := phases.LoadJournal(root)
+	if err != nil || !slices.Equal(j.Phases, []string{"preflight", "files"}) || len(j.Files) == 0 {
+		t.Errorf("journal = %+v, %v; want preflight and files finished", j, err)
+	}
+	b, _ := os.ReadFile(hostfs.Path(root, render.AiradmStateDir+"/kubelet.pid"))
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	t.Cleanup(func() {
+		if pid > 0 {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
+	resetLeavesNothing(t, root)
+	if pid > 0 {
+		if stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat"); err == nil && !strings.Contains(string(stat), ") Z ") {
+			t.Errorf("the kubelet apply started (pid %d) still runs after reset", pid)
+		}
+	}
+}
