@@ -137,7 +137,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	// Host binaries before images: a wrong sha256 should not wait for a
 	// long pull to be reported.
-	host, err := hostFiles(ctx, c, &bundle.Fetcher{Cache: cache, Client: o.HTTPClient}, roles(c, pullNodes))
+	host, err := hostFiles(ctx, c, &bundle.Fetcher{Cache: cache, Client: o.HTTPClient}, roles(c, pullNodes), o.Jobs, o.log)
 	if err != nil {
 		return nil, err
 	}

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"path"
+	"slices"
 	"sort"
 	"strings"
+	"sync"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
@@ -19,23 +21,21 @@ import (
 // role's host files. Every problem (a missing file, an unreachable URL, a
 // digest mismatch, a hostile archive, two sources claiming one path) is an
 // InputError naming the source, and all of them are reported together.
-func hostFiles(ctx context.Context, c *render.Cluster, f *bundle.Fetcher, roles []render.Role) (map[render.Role][]bundle.StoredFile, error) {
+func hostFiles(ctx context.Context, c *render.Cluster, f *bundle.Fetcher, roles []render.Role, jobs int, log func(string, ...any)) (map[render.Role][]bundle.StoredFile, error) {
 	var problems []string
-	fetched := map[string]bool{} // source+digest fetched without error
-	fetch := func(s render.HostSource) bool {
-		key := s.Location + "\x00" + s.SHA256
-		if ok, done := fetched[key]; done {
-			return ok
-		}
-		_, err := f.Fetch(ctx, s.Location, s.SHA256)
-		if err != nil {
-			if ctx.Err() != nil {
-				return false
+	results := prefetch(ctx, c, f, roles, jobs)
+	fetch := func(s render.HostSource) (int64, bool) {
+		r := results[s]
+		if r.err != nil {
+			if ctx.Err() == nil {
+				problems = append(problems, r.err.Error())
 			}
-			problems = append(problems, err.Error())
+			return 0, false
 		}
-		fetched[key] = err == nil
-		return err == nil
+		if r.fetched {
+			log("fetched %s (%d bytes)", s.Location, r.size)
+		}
+		return r.size, true
 	}
 	type origin struct {
 		file bundle.StoredFile
@@ -53,18 +53,24 @@ func hostFiles(ctx context.Context, c *render.Cluster, f *bundle.Fetcher, roles 
 		byRole[r][o.file.Path] = o
 	}
 	for i, hf := range c.HostFiles {
-		if !forAny(hf.Roles, roles) || !fetch(hf.HostSource) {
+		if !forAny(hf.Roles, roles) {
+			continue
+		}
+		size, ok := fetch(hf.HostSource)
+		if !ok {
 			continue
 		}
 		h := v1.Hash{Algorithm: "sha256", Hex: hf.SHA256}
-		size, _ := f.Fetch(ctx, hf.Location, hf.SHA256) // cached now: no I/O but a stat
 		for _, r := range hf.Roles {
 			add(r, origin{bundle.StoredFile{Path: hf.Path, Mode: hf.Mode, Digest: h, Size: size}, fmt.Sprintf("host.files[%d] (%s)", i, hf.Location)})
 		}
 	}
 	unpacked := map[string][]bundle.UnpackedFile{}
 	for i, ha := range c.HostArchives {
-		if !forAny(ha.Roles, roles) || !fetch(ha.HostSource) {
+		if !forAny(ha.Roles, roles) {
+			continue
+		}
+		if _, ok := fetch(ha.HostSource); !ok {
 			continue
 		}
 		key := fmt.Sprintf("%s-%d", ha.SHA256, ha.Strip)
@@ -115,6 +121,46 @@ func hostFiles(ctx context.Context, c *render.Cluster, f *bundle.Fetcher, roles 
 		return nil, &InputError{errors.New(strings.Join(problems, "; "))}
 	}
 	return out, nil
+}
+
+type fetchResult struct {
+	size    int64
+	fetched bool
+	err     error
+}
+
+// prefetch fetches every source the roles need, each once, jobs at a time:
+// on a cold cache, hashing several sources at once uses every core.
+func prefetch(ctx context.Context, c *render.Cluster, f *bundle.Fetcher, roles []render.Role, jobs int) map[render.HostSource]fetchResult {
+	var sources []render.HostSource
+	for _, hf := range c.HostFiles {
+		if forAny(hf.Roles, roles) && !slices.Contains(sources, hf.HostSource) {
+			sources = append(sources, hf.HostSource)
+		}
+	}
+	for _, ha := range c.HostArchives {
+		if forAny(ha.Roles, roles) && !slices.Contains(sources, ha.HostSource) {
+			sources = append(sources, ha.HostSource)
+		}
+	}
+	out := make([]fetchResult, len(sources))
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, max(jobs, 1))
+	for i, s := range sources {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			size, fetched, err := f.Fetch(ctx, s.Location, s.SHA256)
+			out[i] = fetchResult{size, fetched, err}
+		}()
+	}
+	wg.Wait()
+	m := map[render.HostSource]fetchResult{}
+	for i, s := range sources {
+		m[s] = out[i]
+	}
+	return m
 }
 
 func forAny(have, want []render.Role) bool {

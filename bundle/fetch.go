@@ -44,39 +44,39 @@ type Fetcher struct {
 }
 
 // Fetch makes sure the blob sha256Hex, the contents of source, is in the
-// cache, and returns its size.
-func (f *Fetcher) Fetch(ctx context.Context, source, sha256Hex string) (int64, error) {
+// cache, and returns its size and whether it had to be read from source.
+func (f *Fetcher) Fetch(ctx context.Context, source, sha256Hex string) (size int64, fetched bool, err error) {
 	h := v1.Hash{Algorithm: "sha256", Hex: sha256Hex}
 	size, cached := f.Cache.stat(h)
 	if isURL(source) {
 		if cached {
-			return size, nil
+			return size, false, nil
 		}
 		n, err := f.download(ctx, source, h)
 		if err != nil {
-			return 0, &SourceError{Source: source, Err: err}
+			return 0, false, &SourceError{Source: source, Err: err}
 		}
-		return n, nil
+		return n, true, nil
 	}
 	info, err := os.Stat(source)
 	if err != nil {
-		return 0, &SourceError{Source: source, Err: errors.Unwrap(err)}
+		return 0, false, &SourceError{Source: source, Err: errors.Unwrap(err)}
 	}
 	if !info.Mode().IsRegular() {
-		return 0, &SourceError{Source: source, Err: errors.New("not a regular file")}
+		return 0, false, &SourceError{Source: source, Err: errors.New("not a regular file")}
 	}
 	if cached && size == info.Size() {
-		return size, nil
+		return size, false, nil
 	}
 	in, err := os.Open(source)
 	if err != nil {
-		return 0, &SourceError{Source: source, Err: errors.Unwrap(err)}
+		return 0, false, &SourceError{Source: source, Err: errors.Unwrap(err)}
 	}
 	defer in.Close()
 	if _, err := f.Cache.putStream(h, in, info.Size()); err != nil {
-		return 0, &SourceError{Source: source, Err: err}
+		return 0, false, &SourceError{Source: source, Err: err}
 	}
-	return info.Size(), nil
+	return info.Size(), true, nil
 }
 
 func isURL(s string) bool {
