@@ -56,6 +56,10 @@ func hostFiles(ctx context.Context, c *render.Cluster, f *bundle.Fetcher, roles 
 		if !forAny(hf.Roles, roles) {
 			continue
 		}
+		if !ustarName(hf.Path) {
+			problems = append(problems, fmt.Sprintf("host.files[%d]: %s is too long for a bundle entry", i, hf.Path))
+			continue
+		}
 		size, ok := fetch(hf.HostSource)
 		if !ok {
 			continue

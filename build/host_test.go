@@ -384,3 +384,22 @@ sha256 = %q
 		t.Errorf("a worker's bundle with client-key-data under /etc read with error %v", err)
 	}
 }
+
+func TestUstarName(t *testing.T) {
+	for _, tc := range []struct {
+		path string
+		ok   bool
+	}{
+		{"/usr/bin/kubelet", true},
+		{"/" + strings.Repeat("a", 94), true},  // files/ + 94 = 100 bytes, whole
+		{"/" + strings.Repeat("a", 100), true}, // split after files/
+		{"/" + strings.Repeat("a", 101), false},
+		{"/" + strings.Repeat("d", 149) + "/" + strings.Repeat("f", 100), true},  // 155 + 100
+		{"/" + strings.Repeat("d", 150) + "/" + strings.Repeat("f", 100), false}, // prefix 156
+		{"/d/" + strings.Repeat("f", 101), false},
+	} {
+		if got := ustarName(tc.path); got != tc.ok {
+			t.Errorf("ustarName(%d bytes) = %v, want %v", len(tc.path), got, tc.ok)
+		}
+	}
+}
