@@ -178,14 +178,23 @@ func checkManifests(b []byte) error {
 // SplitYAML splits a multi-document YAML file, dropping empty documents.
 func SplitYAML(b []byte) [][]byte {
 	var docs [][]byte
-	for _, d := range strings.Split("\n"+string(b), "\n---") {
-		if i := strings.IndexByte(d, '\n'); i >= 0 {
-			d = d[i+1:] // the rest of the separator line
-		}
-		if strings.TrimSpace(stripComments(d)) != "" {
+	var cur strings.Builder
+	flush := func() {
+		if d := cur.String(); strings.TrimSpace(stripComments(d)) != "" {
 			docs = append(docs, []byte(d))
 		}
+		cur.Reset()
 	}
+	// Each document keeps its own last newline: a block scalar (`|`) that
+	// ends a document would otherwise lose its final line break.
+	for _, l := range strings.SplitAfter(string(b), "\n") {
+		if sep, _ := strings.CutSuffix(strings.TrimSuffix(l, "\n"), "\r"); sep == "---" || strings.HasPrefix(sep, "--- ") || strings.HasPrefix(sep, "---\t") {
+			flush() // the rest of the separator line goes with it
+			continue
+		}
+		cur.WriteString(l)
+	}
+	flush()
 	return docs
 }
 

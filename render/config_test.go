@@ -179,3 +179,28 @@ address = "10.0.0.11"
 		t.Errorf("err = %v", err)
 	}
 }
+
+// TestSplitYAML: documents keep their own bytes, the last line break of a
+// block scalar that ends a document included.
+func TestSplitYAML(t *testing.T) {
+	cases := []struct {
+		in   string
+		want []string
+	}{
+		{"a: 1\n", []string{"a: 1\n"}},
+		{"---\na: 1\n---\nb: 2\n", []string{"a: 1\n", "b: 2\n"}},
+		{"data:\n  f: |\n    x\n---\nb: 2", []string{"data:\n  f: |\n    x\n", "b: 2"}},
+		{"a: 1\n--- # second\nb: 2\n---\n# only a comment\n---\n", []string{"a: 1\n", "b: 2\n"}},
+		{"a: 1\r\n---\r\nb: 2\r\n", []string{"a: 1\r\n", "b: 2\r\n"}},
+		{"a: |\n  ---x\n", []string{"a: |\n  ---x\n"}},
+	}
+	for _, c := range cases {
+		var got []string
+		for _, d := range SplitYAML([]byte(c.in)) {
+			got = append(got, string(d))
+		}
+		if !slices.Equal(got, c.want) {
+			t.Errorf("SplitYAML(%q) = %q, want %q", c.in, got, c.want)
+		}
+	}
+}
