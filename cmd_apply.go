@@ -26,21 +26,26 @@ type ApplyCmd struct {
 	Kubelet               string        `enum:"systemd,exec," default:"" help:"How to start kubelet: systemd or exec (default: systemd where it runs)."`
 	KubeletBinary         string        `default:"/usr/bin/kubelet" help:"The kubelet binary, in exec mode."`
 	Timeout               time.Duration `default:"4m" help:"How long each wait on the cluster may take."`
-	Args                  []string      `arg:"" name:"bundle" help:"The bundle file; or: phase NAME BUNDLE, to run one phase (${phases})."`
+	// Three positionals rather than one slice: kong ends a slice at the
+	// first flag, and `apply phase images --root R BUNDLE` must parse.
+	Bundle    string `arg:"" name:"bundle" help:"The bundle file; or: phase NAME BUNDLE, to run one phase (${phases})."`
+	PhaseName string `arg:"" optional:"" name:"name" help:"With phase: the phase to run."`
+	PhaseOf   string `arg:"" optional:"" name:"phase-bundle" help:"With phase: the bundle file."`
 }
 
 // target splits the arguments into the bundle and the one phase to run.
 func (cmd *ApplyCmd) target() (bundlePath, only string, err error) {
 	switch {
-	case len(cmd.Args) == 1:
-		return cmd.Args[0], "", nil
-	case len(cmd.Args) == 3 && cmd.Args[0] == "phase":
+	case cmd.PhaseName == "" && cmd.PhaseOf == "":
+		return cmd.Bundle, "", nil
+	case cmd.Bundle == "phase" && cmd.PhaseOf != "":
 		if len(cmd.SkipPhases) > 0 {
 			return "", "", fmt.Errorf("--skip-phases does not go with apply phase")
 		}
-		return cmd.Args[2], cmd.Args[1], nil
+		return cmd.PhaseOf, cmd.PhaseName, nil
 	}
-	return "", "", fmt.Errorf("expected apply BUNDLE or apply phase NAME BUNDLE, got apply %s", strings.Join(cmd.Args, " "))
+	got := strings.TrimSpace(strings.Join([]string{cmd.Bundle, cmd.PhaseName, cmd.PhaseOf}, " "))
+	return "", "", fmt.Errorf("expected apply BUNDLE or apply phase NAME BUNDLE, got apply %s", got)
 }
 
 func (cmd *ApplyCmd) Run(env *Env) error {
@@ -59,7 +64,7 @@ func (cmd *ApplyCmd) Run(env *Env) error {
 		fmt.Fprintf(env.Stderr, "warning: %s is checked for integrity only: %s\n", path, v.Why)
 	}
 	return apply(phases.Options{
-		Bundle: path, ManifestDigest: v.ManifestDigest, Root: cmd.Root, DryRun: cmd.DryRun, Node: cmd.Node,
+		Bundle: path, ManifestDigest: v.ManifestDigest, FileSHA256: v.FileSHA256, AuthenticatedBy: v.From, Root: cmd.Root, DryRun: cmd.DryRun, Node: cmd.Node,
 		SkipPhases: cmd.SkipPhases, Only: only,
 		IgnorePreflight: cmd.IgnorePreflightErrors, Out: env.Stdout, Now: env.Now,
 		CRISocket: cmd.CRISocket, ContainerdConfig: cmd.ContainerdConfig, Kubelet: cmd.Kubelet, KubeletBinary: cmd.KubeletBinary,

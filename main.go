@@ -4,6 +4,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"errors"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -79,6 +81,7 @@ func run(args []string, env *Env) (code int) {
 		kong.Exit(func(c int) { exited, code = true, c }),
 		kong.Bind(env),
 		kong.Vars{"phases": phaseNames()},
+		kong.Help(helpPrinter),
 	)
 	if err != nil {
 		fmt.Fprintf(env.Stderr, "airadm: %v\n", err)
@@ -123,4 +126,25 @@ func report(w io.Writer, err error) int {
 	}
 	fmt.Fprintf(w, "airadm: %v\n", err)
 	return code
+}
+
+// applyUsage is how kong would summarise apply's three positionals, and
+// applyForms how users type them.
+const (
+	applyUsage = "apply <bundle> [<name> [<phase-bundle>]]"
+	applyForms = "apply (<bundle> | phase <name> <phase-bundle>)"
+)
+
+// helpPrinter is kong's own help, with apply's two forms spelled out.
+func helpPrinter(o kong.HelpOptions, ctx *kong.Context) error {
+	var buf bytes.Buffer
+	w := ctx.Stdout
+	ctx.Stdout = &buf
+	err := kong.DefaultHelpPrinter(o, ctx)
+	ctx.Stdout = w
+	if err != nil {
+		return err
+	}
+	_, err = io.WriteString(w, strings.ReplaceAll(buf.String(), applyUsage, applyForms))
+	return err
 }

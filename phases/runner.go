@@ -21,11 +21,12 @@ import (
 	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/render"
+	"airadm.dev/airadm/trust"
 )
 
 // ErrUntrusted means the bundle is intact but not the one the operator's
 // digest (or SHA256SUMS) vouches for.
-var ErrUntrusted = errors.New("the bundle is not the one that was built")
+var ErrUntrusted = trust.ErrUntrusted
 
 // Phase is one step of apply, declared as data.
 type Phase struct {
@@ -61,8 +62,12 @@ func Phases() []Phase {
 // Options configure one apply.
 type Options struct {
 	Bundle string
-	// ManifestDigest authenticates the bundle; empty means integrity only.
+	// ManifestDigest and FileSHA256 (hex sha256 of every byte) authenticate
+	// the bundle; both empty means integrity only. AuthenticatedBy names
+	// where they came from, for the log.
 	ManifestDigest  string
+	FileSHA256      string
+	AuthenticatedBy string
 	Root            string // "/" on a real host
 	DryRun          bool
 	SkipPhases      []string
@@ -144,9 +149,18 @@ func Apply(ctx context.Context, o Options) error {
 	if o.Timeout == 0 {
 		o.Timeout = 4 * time.Minute
 	}
-	m, digest, files, err := verifyBundle(o.Bundle, o.ManifestDigest)
+	vouch := trust.Vouch{ManifestDigest: o.ManifestDigest, FileSHA256: o.FileSHA256, From: o.AuthenticatedBy}
+	if vouch.From == "" {
+		vouch.From = "the caller"
+	}
+	m, digest, files, err := verifyBundle(o.Bundle, vouch)
 	if err != nil {
 		return err
+	}
+	if vouch.Authenticated() {
+		logf(o.Out, "bundle %s: intact, %s", o.Bundle, vouch.Describe())
+	} else {
+		logf(o.Out, "bundle %s: intact, not authenticated", o.Bundle)
 	}
 	plan, err := Plan(render.Role(m.Role), o.SkipPhases, o.Only)
 	if err != nil {
@@ -193,9 +207,11 @@ func Apply(ctx context.Context, o Options) error {
 	return nil
 }
 
-func (r *Run) logf(format string, args ...any) {
-	if r.Out != nil {
-		fmt.Fprintf(r.Out, format+"\n", args...)
+func (r *Run) logf(format string, args ...any) { logf(r.Out, format, args...) }
+
+func logf(w io.Writer, format string, args ...any) {
+	if w != nil {
+		fmt.Fprintf(w, format+"\n", args...)
 	}
 }
 
@@ -205,23 +221,20 @@ func (r *Run) path(hostPath string) string { return hostfs.Path(r.Root, hostPath
 // memory; nothing touches the host unless every byte matched. Phases use
 // these files and never re-read them, so a bundle swapped on disk later
 // cannot slip unverified files in.
-func verifyBundle(path, trusted string) (*bundle.Manifest, string, map[string][]byte, error) {
+func verifyBundle(path string, v trust.Vouch) (*bundle.Manifest, string, map[string][]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, "", nil, fmt.Errorf("opening bundle: %w", err)
 	}
 	defer f.Close()
 	files := map[string][]byte{}
-	m, digest, err := bundle.Read(f, bundle.Visitor{File: func(fe bundle.FileEntry, rd io.Reader) error {
+	m, digest, err := trust.Verify(f, v, bundle.Visitor{File: func(fe bundle.FileEntry, rd io.Reader) error {
 		b, err := io.ReadAll(rd)
 		files[fe.Path] = b
 		return err
 	}})
 	if err != nil {
 		return nil, "", nil, fmt.Errorf("verifying %s: %w", path, err)
-	}
-	if trusted != "" && trusted != digest {
-		return nil, "", nil, fmt.Errorf("verifying %s: manifest digest %s is not the trusted %s: %w", path, digest, trusted, ErrUntrusted)
 	}
 	return m, digest, files, nil
 }
