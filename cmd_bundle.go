@@ -22,7 +22,7 @@ import (
 type BuildCmd struct {
 	configFlag
 	Out   string   `short:"o" default:"out" help:"Directory for <node>.bundle and SHA256SUMS."`
-	Cache string   `help:"Image blob cache shared by all builds (default: the user cache directory)."`
+	Cache string   `help:"Content-addressed cache of image blobs and host files, shared by all builds (default: the user cache directory)."`
 	Jobs  int      `default:"4" help:"Concurrent image transfers (at least 1)."`
 	JSON  bool     `name:"json" help:"Print the bundles as a JSON array."`
 	Nodes []string `arg:"" optional:"" help:"Nodes to build (default: all, removing the bundles of nodes no longer in the config)."`
