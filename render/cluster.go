@@ -66,6 +66,14 @@ type Node struct {
 	Address netip.Addr
 	// KubeletOverrides is the node's kubelet_config.
 	KubeletOverrides map[string]any
+	// Prefix (default 24 for IPv4, 64 for IPv6), Gateway (invalid when
+	// unset), Nameservers and Interface (a name, glob or MAC address; empty
+	// for the first ethernet interface) set up the node's network on first
+	// boot; only install media use them.
+	Prefix      int
+	Gateway     netip.Addr
+	Nameservers []netip.Addr
+	Interface   string
 }
 
 // Defaults of kubeadm v1.37.2 (cmd/kubeadm/app/apis/kubeadm/v1beta4/defaults.go
@@ -285,6 +293,7 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 			}
 			node.Address = addr
 		}
+		nodeNetwork(&p, field, n, &node)
 		c.Nodes = append(c.Nodes, node)
 	}
 	if len(cfg.Nodes) == 0 {
@@ -350,4 +359,56 @@ func subnet(p *collector, field, s string) netip.Prefix {
 
 func addresses(hostBits int) *big.Int {
 	return new(big.Int).Lsh(big.NewInt(1), uint(hostBits))
+}
+
+var (
+	ifaceNameRE = regexp.MustCompile(`^[A-Za-z0-9_.*?-]{1,15}$`)
+	macRE       = regexp.MustCompile(`^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$`)
+)
+
+// nodeNetwork checks a node's first-boot network keys against its address
+// (already in node.Address when valid) and fills them in.
+func nodeNetwork(p *collector, field string, n NodeConfig, node *Node) {
+	maxBits := 32
+	node.Prefix = 24
+	if node.Address.Is6() {
+		maxBits, node.Prefix = 128, 64
+	}
+	if n.Prefix != nil {
+		node.Prefix = *n.Prefix
+		if *n.Prefix < 1 || *n.Prefix > maxBits {
+			p.add(field+".prefix", "%d is not a prefix length from 1 to %d", *n.Prefix, maxBits)
+			node.Prefix = 0
+		}
+	}
+	if n.Gateway != "" {
+		gw, err := netip.ParseAddr(n.Gateway)
+		switch {
+		case err != nil || gw.Zone() != "":
+			p.add(field+".gateway", "%q is not an IP address", n.Gateway)
+		case !node.Address.IsValid() || node.Prefix == 0:
+			// The address or prefix is already reported.
+		case gw.Unmap() == node.Address:
+			p.add(field+".gateway", "%s is the node's own address", gw)
+		case !netip.PrefixFrom(node.Address, node.Prefix).Masked().Contains(gw.Unmap()):
+			p.add(field+".gateway", "%s is not on the node's network %s", gw, netip.PrefixFrom(node.Address, node.Prefix).Masked())
+		default:
+			node.Gateway = gw.Unmap()
+		}
+	}
+	for i, ns := range n.Nameservers {
+		a, err := netip.ParseAddr(ns)
+		if err != nil || a.Zone() != "" || a.IsUnspecified() {
+			p.add(fmt.Sprintf("%s.nameservers[%d]", field, i), "%q is not an IP address", ns)
+			continue
+		}
+		node.Nameservers = append(node.Nameservers, a.Unmap())
+	}
+	if n.Interface != "" && !macRE.MatchString(n.Interface) && !ifaceNameRE.MatchString(n.Interface) {
+		p.add(field+".interface", "%q is neither an interface name (at most 15 letters, digits, '-', '_', '.', globs * and ?) nor a MAC address such as 52:54:00:12:34:56", n.Interface)
+	}
+	node.Interface = n.Interface
+	if macRE.MatchString(n.Interface) {
+		node.Interface = strings.ToLower(n.Interface) // as the kernel shows it
+	}
 }

@@ -76,6 +76,13 @@ type NodeConfig struct {
 	Address string `toml:"address"`
 	// KubeletConfig is merged after [kubelet.config], for this node only.
 	KubeletConfig map[string]any `toml:"kubelet_config"`
+	// Prefix, Gateway, Nameservers and Interface describe the node's own
+	// network for first-boot media (airadm media cidata); render's files
+	// do not depend on them.
+	Prefix      *int     `toml:"prefix"`
+	Gateway     string   `toml:"gateway"`
+	Nameservers []string `toml:"nameservers"`
+	Interface   string   `toml:"interface"`
 }
 
 // Problem is one thing wrong with a config file, located as precisely as the

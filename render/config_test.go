@@ -204,3 +204,33 @@ func TestSplitYAML(t *testing.T) {
 		}
 	}
 }
+
+func TestNodeNetworkKeys(t *testing.T) {
+	c, err := Parse("net.toml", []byte(`
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "10.0.0.11"
+prefix = 16
+gateway = "10.0.255.254"
+nameservers = ["10.0.0.2", "fd00::53"]
+interface = "52:54:00:AB:CD:EF"
+
+[[nodes]]
+name = "w1"
+role = "worker"
+address = "fd00::21"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp, w := c.Nodes[0], c.Nodes[1]
+	if cp.Prefix != 16 || cp.Gateway.String() != "10.0.255.254" || len(cp.Nameservers) != 2 || cp.Nameservers[1].String() != "fd00::53" || cp.Interface != "52:54:00:ab:cd:ef" {
+		t.Errorf("cp1 network = %d %s %v %q", cp.Prefix, cp.Gateway, cp.Nameservers, cp.Interface)
+	}
+	// Defaults: /64 for IPv6 (24 for IPv4), no gateway, no nameservers, the
+	// first ethernet interface.
+	if w.Prefix != 64 || w.Gateway.IsValid() || len(w.Nameservers) != 0 || w.Interface != "" {
+		t.Errorf("w1 network = %d %s %v %q", w.Prefix, w.Gateway, w.Nameservers, w.Interface)
+	}
+}
