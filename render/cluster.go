@@ -56,7 +56,10 @@ type Cluster struct {
 	// fetched and unpacked at build time (package bundle).
 	HostFiles    []HostFile
 	HostArchives []HostArchive
-	addonPaths   []string
+	// ContainerdOverrides is [containerd.config], checked against
+	// containerd's default config.
+	ContainerdOverrides map[string]any
+	addonPaths          []string
 }
 
 // Node is one host of the cluster.
@@ -145,19 +148,20 @@ func (c *collector) add(field, format string, args ...any) {
 func (cfg *Config) validate() (*Cluster, []Problem) {
 	var p collector
 	c := &Cluster{
-		Name:              orDefault(cfg.Name, DefaultClusterName),
-		KubernetesVersion: orDefault(cfg.KubernetesVersion, KubernetesVersion),
-		DNSDomain:         orDefault(cfg.Network.DNSDomain, DefaultDNSDomain),
-		Algorithm:         pki.Algorithm(orDefault(cfg.PKI.Algorithm, string(pki.RSA2048))),
-		Repository:        strings.TrimSuffix(orDefault(cfg.Images.Repository, DefaultRepository), "/"),
-		ExtraImages:       cfg.Images.Extra,
-		Platform:          orDefault(cfg.Images.Platform, DefaultPlatform),
-		ImageLayout:       cfg.Images.Layout,
-		ExtraSANs:         cfg.PKI.ExtraSANs,
-		CgroupDriver:      orDefault(cfg.Kubelet.CgroupDriver, DefaultCgroupDriver),
-		CRISocket:         orDefault(cfg.Kubelet.CRISocket, DefaultCRISocket),
-		addonPaths:        cfg.Addons.Manifests,
-		KubeletOverrides:  cfg.Kubelet.Config,
+		Name:                orDefault(cfg.Name, DefaultClusterName),
+		KubernetesVersion:   orDefault(cfg.KubernetesVersion, KubernetesVersion),
+		DNSDomain:           orDefault(cfg.Network.DNSDomain, DefaultDNSDomain),
+		Algorithm:           pki.Algorithm(orDefault(cfg.PKI.Algorithm, string(pki.RSA2048))),
+		Repository:          strings.TrimSuffix(orDefault(cfg.Images.Repository, DefaultRepository), "/"),
+		ExtraImages:         cfg.Images.Extra,
+		Platform:            orDefault(cfg.Images.Platform, DefaultPlatform),
+		ImageLayout:         cfg.Images.Layout,
+		ExtraSANs:           cfg.PKI.ExtraSANs,
+		CgroupDriver:        orDefault(cfg.Kubelet.CgroupDriver, DefaultCgroupDriver),
+		CRISocket:           orDefault(cfg.Kubelet.CRISocket, DefaultCRISocket),
+		addonPaths:          cfg.Addons.Manifests,
+		KubeletOverrides:    cfg.Kubelet.Config,
+		ContainerdOverrides: cfg.Containerd.Config,
 	}
 
 	if len(validation.IsDNS1123Subdomain(c.Name)) > 0 {
@@ -310,6 +314,7 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 		}
 	}
 	cfg.validateHost(&p, c)
+	validateContainerd(&p, c.ContainerdOverrides)
 	// Last: the kubelet config depends on the fields checked above.
 	if len(c.KubeletOverrides) > 0 && c.ServiceSubnet.IsValid() {
 		if _, err := c.KubeletConfiguration(Node{}); err != nil {
@@ -320,6 +325,14 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 		if len(n.KubeletOverrides) > 0 && c.ServiceSubnet.IsValid() {
 			if _, err := c.KubeletConfiguration(Node{KubeletOverrides: n.KubeletOverrides}); err != nil {
 				p.add(fmt.Sprintf("nodes[%d].kubelet_config", i), "%v", err)
+			}
+		}
+	}
+	if len(p.problems) == 0 {
+		// The rendered config must agree with each node's kubelet.
+		for _, n := range c.Nodes {
+			if _, err := c.ContainerdConfigTOML(n); err != nil && c.carriesRuntime(n) {
+				p.add("containerd.config", "node %s: %v", n.Name, err)
 			}
 		}
 	}

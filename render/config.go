@@ -17,17 +17,18 @@ import (
 // Config is cluster.toml exactly as written; Validate turns it into a Cluster.
 // Every key that a file may hold is a field here: anything else is an error.
 type Config struct {
-	Name                 string        `toml:"name"`
-	KubernetesVersion    string        `toml:"kubernetes_version"`
-	ControlPlaneEndpoint string        `toml:"control_plane_endpoint"`
-	Network              NetworkConfig `toml:"network"`
-	PKI                  PKIConfig     `toml:"pki"`
-	Images               ImagesConfig  `toml:"images"`
-	Join                 JoinConfig    `toml:"join"`
-	Kubelet              KubeletConfig `toml:"kubelet"`
-	Addons               AddonsConfig  `toml:"addons"`
-	Host                 HostConfig    `toml:"host"`
-	Nodes                []NodeConfig  `toml:"nodes"`
+	Name                 string           `toml:"name"`
+	KubernetesVersion    string           `toml:"kubernetes_version"`
+	ControlPlaneEndpoint string           `toml:"control_plane_endpoint"`
+	Network              NetworkConfig    `toml:"network"`
+	PKI                  PKIConfig        `toml:"pki"`
+	Images               ImagesConfig     `toml:"images"`
+	Join                 JoinConfig       `toml:"join"`
+	Kubelet              KubeletConfig    `toml:"kubelet"`
+	Addons               AddonsConfig     `toml:"addons"`
+	Host                 HostConfig       `toml:"host"`
+	Containerd           ContainerdConfig `toml:"containerd"`
+	Nodes                []NodeConfig     `toml:"nodes"`
 }
 
 type NetworkConfig struct {
@@ -229,6 +230,12 @@ func Parse(name string, data []byte) (*Cluster, error) {
 	lines := keyLines(string(data))
 	var problems []Problem
 	for _, k := range md.Undecoded() {
+		if len(k) > 2 && k[0] == "containerd" && k[1] == "config" {
+			// Decoded into a map, which BurntSushi/toml reports as
+			// undecoded below quoted keys; validateContainerd checks
+			// every key against containerd's own.
+			continue
+		}
 		key := k.String()
 		found := false
 		for path, line := range lines {

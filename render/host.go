@@ -96,7 +96,7 @@ func ReservedHostPath(p string) string {
 	if p == KubeletUnitFile {
 		return p + " is the kubelet unit, which airadm renders"
 	}
-	return ""
+	return runtimePath(p)
 }
 
 func reservedDirs() []string {

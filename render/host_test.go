@@ -68,7 +68,10 @@ func TestReservedHostPath(t *testing.T) {
 		"/etc/kubernetesX":                       false,
 		"/var/lib":                               true, // would hide /var/lib/kubelet
 		"/etc/systemd/system/kubelet.service":    true,
-		"/etc/systemd/system/containerd.service": false,
+		"/etc/systemd/system/containerd.service": false, // a bundle may carry its own
+		"/etc/containerd/config.toml":            true,
+		"/etc/containerd":                        false,
+		"/etc/sysctl.d/99-airadm-k8s.conf":       true,
 		"/usr/bin/kubelet":                       false,
 	} {
 		if got := ReservedHostPath(p) != ""; got != reserved {

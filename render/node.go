@@ -85,6 +85,11 @@ func NodeFiles(c *Cluster, s *Secrets, name string) ([]File, error) {
 		File{KubeletUnitFile, 0o644, []byte(kubeletUnit)},
 		File{KubeletDropInFile, 0o644, []byte(kubeletDropIn)},
 	)
+	rt, err := c.runtimeFiles(n)
+	if err != nil {
+		return nil, fmt.Errorf("rendering node %s: %w", name, err)
+	}
+	files = append(files, rt...)
 	sort.Slice(files, func(i, j int) bool { return files[i].Path < files[j].Path })
 	return files, nil
 }
