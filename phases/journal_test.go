@@ -384,8 +384,8 @@ address = "127.0.1.21"
 		t.Errorf("apply after SIGTERM: %v\n%s", err, stderr.String())
 	}
 	j, err := phases.LoadJournal(root)
-	if err != nil || !slices.Equal(j.Phases, []string{"preflight", "files"}) || len(j.Files) == 0 {
-		t.Errorf("journal = %+v, %v; want preflight and files finished", j, err)
+	if err != nil || !slices.Equal(j.Phases, []string{"preflight", "files", "runtime"}) || len(j.Files) == 0 {
+		t.Errorf("journal = %+v, %v; want preflight, files and runtime finished", j, err)
 	}
 	b, _ := os.ReadFile(hostfs.Path(root, render.AiradmStateDir+"/kubelet.pid"))
 	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))

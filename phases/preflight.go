@@ -31,6 +31,8 @@ func Checks() []Check {
 		{"cluster", func(r *Run, files map[string][]byte) ([]string, error) { return nil, r.sameCluster(files) }},
 		{"ports", checkPorts},
 		{"swap", checkSwap},
+		{"kernel", checkKernel},
+		{"binaries", checkBinaries},
 		{"sandbox-image", checkSandboxImage},
 		{"containerd", checkContainerd},
 	}
@@ -180,6 +182,10 @@ const containerdDefaultSandbox = "registry.k8s.io/pause:3.10.2"
 // pinned_images.sandbox (containerd 2) or sandbox_image (containerd 1.x),
 // else containerd's default.
 func (r *Run) sandboxImage() (image, from string, err error) {
+	if b, ok := r.files[render.BundledContainerdConfig]; ok && r.bundledContainerd() != "" && r.ContainerdConfig == "" {
+		// The runtime phase installs this config.
+		return sandboxFrom(b, "the bundle's containerd config")
+	}
 	path := r.ContainerdConfig
 	if path == "" {
 		path = r.path("/etc/containerd/config.toml")
@@ -191,6 +197,11 @@ func (r *Run) sandboxImage() (image, from string, err error) {
 	if err != nil {
 		return "", "", fmt.Errorf("reading containerd's config: %w", err)
 	}
+	return sandboxFrom(b, path)
+}
+
+// sandboxFrom reads the sandbox image of containerd's config b.
+func sandboxFrom(b []byte, path string) (image, from string, err error) {
 	var cfg map[string]any
 	if _, err := toml.Decode(string(b), &cfg); err != nil {
 		return "", "", fmt.Errorf("reading containerd's config %s: %w", path, err)
@@ -215,6 +226,9 @@ func (r *Run) sandboxImage() (image, from string, err error) {
 func checkContainerd(r *Run, files map[string][]byte) ([]string, error) {
 	if !r.planned("images") {
 		return nil, skipped("the images phase does not run")
+	}
+	if r.bundledContainerd() != "" && r.planned("runtime") {
+		return nil, skipped("the bundle carries containerd; the runtime phase starts it")
 	}
 	if r.DryRun {
 		// Connecting changes nothing, but a dry run may be made on a

@@ -96,7 +96,13 @@ func Reset(ctx context.Context, o ResetOptions) error {
 			}
 		}
 	}
+	// A containerd that apply installed (the journal lists its config)
+	// is apply's: its containers go whatever the root, then it stops.
+	ours := ownContainerd(o.Root, j)
 	socket := o.CRISocket
+	if socket == "" && ours != nil {
+		socket = "unix://" + ours.socket
+	}
 	if socket == "" && o.Root == "/" {
 		socket = DefaultCRISocket
 	}
@@ -106,6 +112,9 @@ func Reset(ctx context.Context, o ResetOptions) error {
 		logf("removed %d containers", n)
 	} else {
 		logf("left the container runtime alone: %s is not the host's /, and no --cri-socket was given", o.Root)
+	}
+	if ours != nil {
+		keep(ours.stop(ctx, o.Root, j, logf))
 	}
 	keep(unmountUnder(hostfs.Path(o.Root, render.KubeletDir)))
 
@@ -117,6 +126,10 @@ func Reset(ctx context.Context, o ResetOptions) error {
 		}
 	}
 	logf("removed %d files apply wrote", len(files))
+	if ours != nil && ours.systemd {
+		// The unit file is gone: let systemd forget it.
+		exec.CommandContext(ctx, "systemctl", "daemon-reload").Run()
+	}
 	// What kubelet and etcd made, as kubeadm reset removes it.
 	for _, dir := range []string{render.ManifestsDir, render.KubeletDir, render.EtcdDataDir, "/var/log/pods", "/var/log/containers",
 		render.KubeletKubeconfig, render.BootstrapKubeconfig, render.PKIDir, filepath.Dir(kubeletLogFile)} {

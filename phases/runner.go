@@ -48,6 +48,7 @@ func Phases() []Phase {
 	return []Phase{
 		{"preflight", "check that the host and the bundle fit each other", bothRoles, runPreflight},
 		{"files", "write the bundle's verified files to their host paths", bothRoles, runFiles},
+		{"runtime", "set the kernel prerequisites; install and start the bundle's containerd, if it carries one", bothRoles, runRuntime},
 		{"images", "import the bundle's images into containerd, named, pinned and unpacked", bothRoles, runImages},
 		{"kubelet", "start kubelet with the bundle's unit, config and flags", bothRoles, runKubelet},
 		{"wait-control-plane", "wait for the apiserver's /readyz and make admin.conf's group cluster-admin", controlPlane, runWaitControlPlane},

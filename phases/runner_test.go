@@ -32,10 +32,11 @@ func TestPlan(t *testing.T) {
 		only, want string
 		err        string
 	}{
-		{render.ControlPlane, nil, "", "preflight,files,images,kubelet,wait-control-plane,upload-config,mark-control-plane,bootstrap-token,addons", ""},
-		{render.Worker, nil, "", "preflight,files,images,kubelet,tls-bootstrap", ""},
-		{render.ControlPlane, []string{"preflight", "mark-control-plane", "images", "kubelet"}, "", "files,wait-control-plane,upload-config,bootstrap-token,addons", ""},
+		{render.ControlPlane, nil, "", "preflight,files,runtime,images,kubelet,wait-control-plane,upload-config,mark-control-plane,bootstrap-token,addons", ""},
+		{render.Worker, nil, "", "preflight,files,runtime,images,kubelet,tls-bootstrap", ""},
+		{render.ControlPlane, []string{"preflight", "mark-control-plane", "images", "kubelet"}, "", "files,runtime,wait-control-plane,upload-config,bootstrap-token,addons", ""},
 		{render.Worker, nil, "tls-bootstrap", "tls-bootstrap", ""},
+		{render.Worker, nil, "runtime", "runtime", ""},
 		{render.ControlPlane, []string{"bogus"}, "", "", `unknown phase "bogus"`},
 		{render.Worker, nil, "upload-config", "", "phase upload-config does not apply to a worker node"},
 		{render.Worker, nil, "nope", "", `unknown phase "nope"`},
