@@ -99,6 +99,7 @@ func runFiles(ctx context.Context, r *Run) error {
 			return fmt.Errorf("recording the bundle's files in the journal before writing them: %w", err)
 		}
 	}
+	r.staged.removeStale()
 	var wrote, same int
 	for _, fe := range r.Manifest.Files {
 		// Between two atomic writes is a safe point to stop at.
@@ -123,8 +124,12 @@ func runFiles(ctx context.Context, r *Run) error {
 		if err := hostfs.MkdirAll(r.Root, parent(fe.Path)); err != nil {
 			return err
 		}
-		if err := atomicfile.Write(target, files[fe.Path], mode); err != nil {
+		if placed, err := r.staged.place(fe.Path, target, mode); err != nil {
 			return err
+		} else if !placed {
+			if err := atomicfile.Write(target, files[fe.Path], mode); err != nil {
+				return err
+			}
 		}
 		wrote++
 	}

@@ -102,6 +102,9 @@ type Run struct {
 	// files holds the bundle's host files (small: keys, configs,
 	// manifests), kept from the verifying pass.
 	files map[string][]byte
+	// staged holds the others (host binaries), written to the staging
+	// area by the verifying pass.
+	staged *staging
 }
 
 // planned reports whether this run includes phase name.
@@ -154,7 +157,9 @@ func Apply(ctx context.Context, o Options) error {
 	if vouch.From == "" {
 		vouch.From = "the caller"
 	}
-	m, digest, files, err := verifyBundle(o.Bundle, vouch)
+	staged := newStaging(o.Root, o.DryRun || !(o.Only == "" || o.Only == "files") || slices.Contains(o.SkipPhases, "files"))
+	defer staged.cleanup()
+	m, digest, files, err := verifyBundle(o.Bundle, vouch, staged)
 	if err != nil {
 		return err
 	}
@@ -167,7 +172,7 @@ func Apply(ctx context.Context, o Options) error {
 	if err != nil {
 		return err
 	}
-	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan, files: files}
+	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan, files: files, staged: staged}
 	if !o.DryRun {
 		unlock, err := lockHost(o.Root)
 		if err != nil {
@@ -218,11 +223,12 @@ func logf(w io.Writer, format string, args ...any) {
 
 func (r *Run) path(hostPath string) string { return hostfs.Path(r.Root, hostPath) }
 
-// verifyBundle reads the whole bundle once, keeping its host files in
-// memory; nothing touches the host unless every byte matched. Phases use
-// these files and never re-read them, so a bundle swapped on disk later
-// cannot slip unverified files in.
-func verifyBundle(path string, v trust.Vouch) (*bundle.Manifest, string, map[string][]byte, error) {
+// verifyBundle reads the whole bundle once, keeping its small host files
+// in memory and streaming the others (host binaries) to the staging area;
+// nothing else touches the host unless every byte matched. Phases use
+// these files and never re-read the bundle, so a bundle swapped on disk
+// later cannot slip unverified files in.
+func verifyBundle(path string, v trust.Vouch, staged *staging) (*bundle.Manifest, string, map[string][]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, "", nil, fmt.Errorf("opening bundle: %w", err)
@@ -230,11 +236,15 @@ func verifyBundle(path string, v trust.Vouch) (*bundle.Manifest, string, map[str
 	defer f.Close()
 	files := map[string][]byte{}
 	m, digest, err := trust.Verify(f, v, bundle.Visitor{File: func(fe bundle.FileEntry, rd io.Reader) error {
+		if staged.takes(fe) {
+			return staged.stage(fe, rd)
+		}
 		b, err := io.ReadAll(rd)
 		files[fe.Path] = b
 		return err
 	}})
 	if err != nil {
+		staged.abandon()
 		return nil, "", nil, fmt.Errorf("verifying %s: %w", path, err)
 	}
 	return m, digest, files, nil

@@ -3,6 +3,7 @@ package phases_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -123,7 +124,7 @@ func TestTamperedOrTruncatedBundleWritesNothing(t *testing.T) {
 		root := t.TempDir()
 		path, _, _ := writeBundle(t, c)
 		err := phases.Apply(context.Background(), opts(path, "sha256:"+strings.Repeat("0", 64), root))
-		if err == nil || !strings.Contains(err.Error(), "is not the trusted") {
+		if !errors.Is(err, phases.ErrUntrusted) || !strings.Contains(err.Error(), "is not the one that was built") {
 			t.Fatalf("err = %v", err)
 		}
 		if entries, _ := os.ReadDir(root); len(entries) != 0 {
