@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -259,4 +260,55 @@ func criOK(t *testing.T, sock string) {
 	if e := resp.Plugins[0].GetInitErr(); e != nil {
 		t.Errorf("containerd's CRI plugin failed: %s", e.GetMessage())
 	}
+}
+
+// TestRuntimePhaseLeavesTheHostRuntime: a bundle without containerd
+// installs no runtime config and starts nothing; preflight and the phase
+// say the host's runtime is used. The kernel's persisted settings are
+// journaled, so reset removes them; a dry run writes nothing.
+func TestRuntimePhaseLeavesTheHostRuntime(t *testing.T) {
+	c := clustertest.New(t, cfg+`
+[[nodes]]
+name = "w1"
+role = "worker"
+address = "127.0.1.21"
+`)
+	path, digest := c.Bundle(t, "w1", nil, nil)
+	root := t.TempDir()
+	o := phases.Options{Bundle: path, ManifestDigest: digest, Root: root, Node: "w1",
+		SkipPhases: []string{"images", "kubelet", "tls-bootstrap"}, IgnorePreflight: []string{"ports", "swap", "sandbox-image"}}
+	var out bytes.Buffer
+	o.Out, o.DryRun = &out, true
+	if err := phases.Apply(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	if left := leftFiles(t, root); len(left) != 0 {
+		t.Errorf("a dry run wrote %q", left)
+	}
+	if !strings.Contains(out.String(), "would write "+render.SysctlFile) {
+		t.Errorf("the dry run does not say it would persist the sysctls:\n%s", out.String())
+	}
+	out.Reset()
+	o.DryRun = false
+	if err := phases.Apply(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"the bundle carries no container runtime: the host's containerd at /var/run/containerd/containerd.sock is used",
+		"the bundle carries no containerd: the host's runtime at /var/run/containerd/containerd.sock is used as it is",
+		"ok: module overlay: ",
+		"wrote " + render.ModulesLoadFile,
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("apply's output lacks %q:\n%s", want, out.String())
+		}
+	}
+	if _, err := os.Stat(hostfs.Path(root, render.ContainerdConfigFile)); err == nil {
+		t.Error("a bundle without containerd installed a containerd config")
+	}
+	j, err := phases.LoadJournal(root)
+	if err != nil || !slices.Contains(j.Files, render.SysctlFile) || !slices.Contains(j.Files, render.ModulesLoadFile) {
+		t.Errorf("the journal (%v) lacks the kernel's persisted settings: %v", err, j.Files)
+	}
+	resetLeavesNothing(t, root)
 }
