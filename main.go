@@ -36,6 +36,7 @@ type CLI struct {
 	Apply   ApplyCmd   `cmd:"" help:"Verify a bundle and bring this host up as its node."`
 	Reset   ResetCmd   `cmd:"" help:"Undo apply on this host (best effort, like kubeadm reset)."`
 	Images  ImagesCmd  `cmd:"" help:"Container images of the cluster."`
+	Media   MediaCmd   `cmd:"" help:"Write install media (ISO, USB image, cloud-init seed) from built bundles."`
 	Version VersionCmd `cmd:"" help:"Print the airadm and pinned Kubernetes versions."`
 }
 

@@ -1,0 +1,172 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"strconv"
+	"time"
+
+	"airadm.dev/airadm/media"
+)
+
+// MediaCmd writes install media from built bundles.
+type MediaCmd struct {
+	ISO    MediaISOCmd    `cmd:"" name:"iso" help:"Write one ISO 9660 image (Rock Ridge, Joliet) with the runner, the bundles, SHA256SUMS and INSTALL.txt."`
+	USB    MediaUSBCmd    `cmd:"" name:"usb" help:"Write the same content as a raw disk image (GPT, one FAT32 partition) for dd to a USB stick."`
+	Cidata MediaCidataCmd `cmd:"" name:"cidata" help:"Write a node's cloud-init NoCloud seed (labelled CIDATA) that installs it on first boot."`
+}
+
+// mediaFlags are shared by every media command.
+type mediaFlags struct {
+	configFlag
+	From   string `default:"out" help:"Directory holding the built bundles and their SHA256SUMS."`
+	Out    string `short:"o" required:"" help:"Image file to write."`
+	Runner string `help:"airadm binary for the nodes' platform, when it is not this one's (checked to be an ELF for it)."`
+}
+
+// open loads the config, verifies the bundles of nodes and picks the runner.
+func (f mediaFlags) open(nodes []string, maxSize int64, why string) (*media.Source, string, error) {
+	c, err := f.load()
+	if err != nil {
+		return nil, "", err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, "", fmt.Errorf("locating this airadm: %w", err)
+	}
+	runner, err := media.Runner(c.Platform, f.Runner, self, runtime.GOOS, runtime.GOARCH)
+	if err != nil {
+		return nil, "", mediaError(err)
+	}
+	src, err := media.Open(f.From, c, nodes, maxSize, why)
+	if err != nil {
+		return nil, "", mediaError(err)
+	}
+	return src, runner, nil
+}
+
+// epoch is SOURCE_DATE_EPOCH if set, else the bundles' build time.
+func mediaEpoch(env *Env, src *media.Source) (time.Time, error) {
+	if s := env.Getenv("SOURCE_DATE_EPOCH"); s != "" {
+		secs, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return time.Time{}, usageError{fmt.Errorf("reading SOURCE_DATE_EPOCH: %q is not a number of seconds", s)}
+		}
+		return time.Unix(secs, 0).UTC(), nil
+	}
+	return src.Epoch(), nil
+}
+
+// mediaError marks media's bad-input errors as usage errors (exit 2).
+func mediaError(err error) error {
+	var ie *media.InputError
+	if errors.As(err, &ie) {
+		return usageError{err}
+	}
+	return err
+}
+
+func reportMedium(env *Env, out, what string, src *media.Source) {
+	fmt.Fprintf(env.Stdout, "%s: %s,", out, what)
+	for _, b := range src.Bundles {
+		fmt.Fprintf(env.Stdout, " %s", b.Node.Name)
+	}
+	fmt.Fprintln(env.Stdout)
+}
+
+// MediaISOCmd writes the cluster's ISO.
+type MediaISOCmd struct {
+	mediaFlags
+	Label string   `default:"AIRADM" help:"Volume label (1 to 32 of A-Z, 0-9 and _)."`
+	Nodes []string `arg:"" optional:"" help:"Nodes whose bundles the image carries (default: all)."`
+}
+
+func (cmd *MediaISOCmd) Validate() error { return media.CheckISOLabel(cmd.Label) }
+
+func (cmd *MediaISOCmd) Run(env *Env) error {
+	src, runner, err := cmd.open(cmd.Nodes, 0, "")
+	if err != nil {
+		return err
+	}
+	epoch, err := mediaEpoch(env, src)
+	if err != nil {
+		return err
+	}
+	t, err := media.ClusterTree(src, runner)
+	if err != nil {
+		return mediaError(err)
+	}
+	if err := media.WriteISO(cmd.Out, t, media.ISOOptions{Label: cmd.Label, Epoch: epoch}); err != nil {
+		return mediaError(err)
+	}
+	reportMedium(env, cmd.Out, "ISO 9660 labelled "+cmd.Label+" with", src)
+	return nil
+}
+
+// MediaUSBCmd writes the cluster's USB disk image.
+type MediaUSBCmd struct {
+	mediaFlags
+	Label string   `default:"AIRADM_USB" help:"Volume label (1 to 11 of A-Z, 0-9 and _); mount the stick by it: mount -o ro LABEL=<label> /mnt."`
+	Nodes []string `arg:"" optional:"" help:"Nodes whose bundles the image carries (default: all)."`
+}
+
+func (cmd *MediaUSBCmd) Validate() error { return media.CheckFATLabel(cmd.Label) }
+
+func (cmd *MediaUSBCmd) Run(env *Env) error {
+	src, runner, err := cmd.open(cmd.Nodes, media.FATMaxFile, "FAT32")
+	if err != nil {
+		return err
+	}
+	epoch, err := mediaEpoch(env, src)
+	if err != nil {
+		return err
+	}
+	t, err := media.ClusterTree(src, runner)
+	if err != nil {
+		return mediaError(err)
+	}
+	if err := media.WriteFAT(cmd.Out, t, media.FATOptions{Label: cmd.Label, Epoch: epoch, Partitioned: true}); err != nil {
+		return mediaError(err)
+	}
+	reportMedium(env, cmd.Out, "GPT disk, FAT32 partition labelled "+cmd.Label+" with", src)
+	return nil
+}
+
+// MediaCidataCmd writes one node's NoCloud seed.
+type MediaCidataCmd struct {
+	mediaFlags
+	Format string `default:"iso" enum:"iso,fat" help:"iso (a CD-ROM image) or fat (a bare FAT32 volume, for hardware without a CD drive); both labelled CIDATA."`
+	Node   string `arg:"" help:"Node the seed installs."`
+}
+
+func (cmd *MediaCidataCmd) Run(env *Env) error {
+	maxSize, why := int64(0), ""
+	if cmd.Format == "fat" {
+		maxSize, why = media.FATMaxFile, "FAT32"
+	}
+	src, runner, err := cmd.open([]string{cmd.Node}, maxSize, why)
+	if err != nil {
+		return err
+	}
+	epoch, err := mediaEpoch(env, src)
+	if err != nil {
+		return err
+	}
+	t, err := media.SeedTree(src, runner, cmd.Node)
+	if err != nil {
+		return mediaError(err)
+	}
+	if cmd.Format == "fat" {
+		err = media.WriteFAT(cmd.Out, t, media.FATOptions{Label: media.SeedLabel, Epoch: epoch})
+	} else {
+		err = media.WriteISO(cmd.Out, t, media.ISOOptions{Label: media.SeedLabel, Epoch: epoch})
+	}
+	if err != nil {
+		return mediaError(err)
+	}
+	b, _ := src.Bundle(cmd.Node)
+	fmt.Fprintf(env.Stdout, "%s: cloud-init seed (%s, labelled %s) for %s, instance of manifest %s\n", cmd.Out, cmd.Format, media.SeedLabel, cmd.Node, b.ManifestDigest)
+	return nil
+}

@@ -1,0 +1,109 @@
+package media
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"airadm.dev/airadm/render"
+)
+
+// SeedLabel is the volume label cloud-init's NoCloud datasource looks for.
+const SeedLabel = "CIDATA"
+
+// SeedFiles are the three files of a NoCloud seed.
+type SeedFiles struct {
+	MetaData      []byte
+	NetworkConfig []byte
+	UserData      []byte
+}
+
+// Seed writes node's NoCloud files. The instance-id is derived from the
+// bundle's manifest digest: cloud-init runs runcmd once per instance, so a
+// new bundle runs airadm again and a reboot with the same one does not.
+func Seed(c *render.Cluster, n render.Node, manifestDigest string) SeedFiles {
+	hexPart := strings.TrimPrefix(manifestDigest, "sha256:")
+	if len(hexPart) > 16 {
+		hexPart = hexPart[:16]
+	}
+	meta := fmt.Sprintf("instance-id: airadm-%s-%s\nlocal-hostname: %s\n", n.Name, hexPart, n.Name)
+	return SeedFiles{
+		MetaData:      []byte(meta),
+		NetworkConfig: networkConfig(c, n),
+		UserData:      userData(c, n, manifestDigest),
+	}
+}
+
+// networkConfig is network-config version 2 (netplan's format) with the
+// node's static address. Without an interface key it matches every
+// interface whose name starts with "e" (eth0, ens3, enp1s0): the first
+// ethernet of a machine with one. The default route is written as
+// 0.0.0.0/0 (or ::/0): cloud-init 22.4 rejects "to: default".
+func networkConfig(c *render.Cluster, n render.Node) []byte {
+	var b strings.Builder
+	fmt.Fprintf(&b, "# Written by airadm media cidata: node %s of cluster %s.\n", n.Name, c.Name)
+	b.WriteString("version: 2\nethernets:\n  airadm0:\n    match:\n")
+	switch {
+	case n.Interface == "":
+		b.WriteString("      name: \"e*\"\n")
+	case strings.Count(n.Interface, ":") == 5:
+		fmt.Fprintf(&b, "      macaddress: %q\n", n.Interface)
+	default:
+		fmt.Fprintf(&b, "      name: %q\n", n.Interface)
+	}
+	b.WriteString("    dhcp4: false\n    dhcp6: false\n")
+	fmt.Fprintf(&b, "    addresses:\n      - %q\n", netip.PrefixFrom(n.Address, n.Prefix).String())
+	if n.Gateway.IsValid() {
+		to := "0.0.0.0/0"
+		if n.Gateway.Is6() {
+			to = "::/0"
+		}
+		fmt.Fprintf(&b, "    routes:\n      - to: %q\n        via: %q\n", to, n.Gateway.String())
+	}
+	if len(n.Nameservers) > 0 {
+		b.WriteString("    nameservers:\n      addresses:\n")
+		for _, ns := range n.Nameservers {
+			fmt.Fprintf(&b, "        - %q\n", ns.String())
+		}
+	}
+	return []byte(b.String())
+}
+
+// userData mounts the seed by its label, installs the runner, and runs
+// airadm verify and then airadm apply with the manifest digest pinned, so
+// the seed's own SHA256SUMS is not what vouches for the bundle. Everything
+// goes to /var/log/airadm-install.log and the console; runcmd's exit status
+// is apply's, which cloud-init reports in `cloud-init status`.
+func userData(c *render.Cluster, n render.Node, digest string) []byte {
+	script := fmt.Sprintf(`set -u
+seed=/run/airadm/seed
+bundle="$seed/%s/%s.bundle"
+digest=%s
+log=/var/log/airadm-install.log
+mkdir -p "$seed"
+{
+  (
+    set -ex
+    grep -qs " $seed " /proc/mounts || mount -o ro LABEL=%s "$seed"
+    install -m 0755 "$seed/%s" /usr/local/bin/airadm
+    airadm=/usr/local/bin/airadm
+    "$airadm" verify --manifest-digest "$digest" "$bundle"
+    "$airadm" apply --manifest-digest "$digest" "$bundle"
+  )
+  echo $? >/run/airadm/install.status
+} 2>&1 | tee -a "$log" /dev/console
+status=$(cat /run/airadm/install.status)
+umount "$seed" 2>/dev/null || true
+echo "airadm-install: node %s finished with exit status $status" | tee -a "$log" /dev/console
+exit "$status"
+`, BundleDir, n.Name, digest, SeedLabel, RunnerPath, n.Name)
+	var b strings.Builder
+	b.WriteString("#cloud-config\n")
+	fmt.Fprintf(&b, "# Written by airadm media cidata: node %s (%s) of cluster %s,\n", n.Name, n.Role, c.Name)
+	fmt.Fprintf(&b, "# bundle manifest %s.\n", digest)
+	b.WriteString("runcmd:\n  - - sh\n    - -c\n    - |\n")
+	for _, l := range strings.Split(strings.TrimSuffix(script, "\n"), "\n") {
+		b.WriteString("      " + l + "\n")
+	}
+	return []byte(b.String())
+}

@@ -1,0 +1,249 @@
+// Package media writes install media from built bundles: an ISO 9660 image
+// for a cluster, a raw USB disk image (GPT, one FAT32 partition) with the same
+// content, and a per-node cloud-init NoCloud seed (ISO or FAT, labelled
+// CIDATA). It reads what airadm build wrote (the bundles and SHA256SUMS) and
+// the config (for node addresses), verifies every bundle before anything is
+// written, and writes images through github.com/diskfs/go-diskfs.
+//
+// Writing is split in two so that tests and other tools can reuse the
+// halves: a Tree says what a medium holds (ClusterTree, SeedTree), and
+// WriteISO and WriteFAT lay a Tree out as an image.
+package media
+
+import (
+	"debug/elf"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/render"
+	"airadm.dev/airadm/trust"
+)
+
+// InputError is bad input found before anything was written: a missing or
+// unvouched-for bundle, an unknown node, a runner for the wrong platform, a
+// file too large for the chosen filesystem. The CLI exits 2.
+type InputError struct{ Err error }
+
+func (e *InputError) Error() string { return e.Err.Error() }
+func (e *InputError) Unwrap() error { return e.Err }
+
+func inputErrorf(format string, args ...any) error {
+	return &InputError{fmt.Errorf(format, args...)}
+}
+
+// Bundle is one verified bundle.
+type Bundle struct {
+	Node render.Node
+	// Name is the file name, <node>.bundle, as SHA256SUMS lists it.
+	Name string
+	Path string
+	Size int64
+	// SHA256 is the whole file's hex sha256 and ManifestDigest its
+	// manifest's digest, both as verified.
+	SHA256         string
+	ManifestDigest string
+	BuildTime      time.Time
+	modTime        time.Time
+}
+
+// Source is the verified input of every medium: the bundles of the chosen
+// nodes, in config order.
+type Source struct {
+	Cluster *render.Cluster
+	Dir     string
+	Bundles []Bundle
+}
+
+// Open verifies the bundles of nodes (all of the cluster's when empty) in
+// dir against dir/SHA256SUMS: each file's sha256 must match its line, and
+// each bundle must pass the reader's checks of every entry and be the
+// named node's bundle of this cluster. Sizes are checked against maxSize
+// (0 for no limit) before any bundle is read, so a file too large for the
+// chosen filesystem is refused at once.
+func Open(dir string, c *render.Cluster, nodes []string, maxSize int64, why string) (*Source, error) {
+	var chosen []render.Node
+	if len(nodes) == 0 {
+		chosen = c.Nodes
+	}
+	for _, name := range nodes {
+		n, ok := c.Node(name)
+		if !ok {
+			var names []string
+			for _, n := range c.Nodes {
+				names = append(names, n.Name)
+			}
+			return nil, inputErrorf("choosing nodes: no node %q in the config (nodes: %s)", name, strings.Join(names, ", "))
+		}
+		if !slices.ContainsFunc(chosen, func(o render.Node) bool { return o.Name == name }) {
+			chosen = append(chosen, n)
+		}
+	}
+	sumsPath := filepath.Join(dir, trust.SumsFile)
+	sums, err := trust.ReadSums(sumsPath)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, inputErrorf("reading %s: no such file: build the bundles first (airadm build -o %s)", sumsPath, dir)
+		}
+		return nil, &InputError{err}
+	}
+	src := &Source{Cluster: c, Dir: dir}
+	for _, n := range chosen {
+		b := Bundle{Node: n, Name: n.Name + ".bundle"}
+		b.Path = filepath.Join(dir, b.Name)
+		fi, err := os.Stat(b.Path)
+		if err != nil {
+			return nil, inputErrorf("reading bundle of %s: %w: build it first (airadm build -o %s %s)", n.Name, err, dir, n.Name)
+		}
+		if maxSize > 0 && fi.Size() > maxSize {
+			return nil, inputErrorf("%s is %s, larger than %s allows (%s): %s", b.Path, humanSize(fi.Size()), why, humanSize(maxSize), tooLargeHint)
+		}
+		s, ok := sums[b.Name]
+		if !ok || s.File == "" {
+			return nil, inputErrorf("verifying %s: %s has no sha256 line for %s; rebuild with airadm build -o %s", b.Path, sumsPath, b.Name, dir)
+		}
+		b.Size, b.modTime = fi.Size(), fi.ModTime()
+		src.Bundles = append(src.Bundles, b)
+	}
+	// Every size is known to fit; now read every byte.
+	for i := range src.Bundles {
+		if err := src.Bundles[i].verify(c.Name); err != nil {
+			return nil, err
+		}
+	}
+	return src, nil
+}
+
+// tooLargeHint says what to do about a bundle over the FAT32 limit.
+const tooLargeHint = "write an ISO instead (airadm media iso), which has no such limit, or build that node's bundle smaller (fewer [images] extra or [host] files)"
+
+func (b *Bundle) verify(cluster string) error {
+	v, err := trust.Find(b.Path, "")
+	if err != nil {
+		return &InputError{err}
+	}
+	f, err := os.Open(b.Path)
+	if err != nil {
+		return &InputError{fmt.Errorf("opening bundle: %w", err)}
+	}
+	defer f.Close()
+	m, digest, err := trust.Verify(f, v, bundle.Visitor{})
+	if err != nil {
+		// Damaged, truncated or another build: refused as bad input
+		// (the reader's own error types stay inside).
+		return &InputError{fmt.Errorf("verifying %s: %w", b.Path, err)}
+	}
+	if m.Node != b.Node.Name || m.Cluster != cluster {
+		return inputErrorf("verifying %s: it is node %s of cluster %s, not node %s of cluster %s", b.Path, m.Node, m.Cluster, b.Node.Name, cluster)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("verifying %s: %w", b.Path, err)
+	}
+	if fi.Size() != b.Size || !fi.ModTime().Equal(b.modTime) {
+		return inputErrorf("verifying %s: it changed while it was read; run again once nothing writes it", b.Path)
+	}
+	b.SHA256, b.ManifestDigest, b.BuildTime = v.FileSHA256, digest, m.BuildTime
+	return nil
+}
+
+// unchanged reports whether the bundle file is still the one verified, so
+// that an image never carries bytes that changed after verification.
+func (b *Bundle) unchanged() error {
+	fi, err := os.Stat(b.Path)
+	if err != nil {
+		return fmt.Errorf("re-reading %s: %w", b.Path, err)
+	}
+	if fi.Size() != b.Size || !fi.ModTime().Equal(b.modTime) {
+		return inputErrorf("%s changed after it was verified; run again once nothing writes it", b.Path)
+	}
+	return nil
+}
+
+// Epoch is the time every medium records: the latest build time of its
+// bundles (which honours SOURCE_DATE_EPOCH at build time), so the same
+// bundles give the same image bytes.
+func (s *Source) Epoch() time.Time {
+	var t time.Time
+	for _, b := range s.Bundles {
+		if b.BuildTime.After(t) {
+			t = b.BuildTime
+		}
+	}
+	return t.UTC()
+}
+
+// Bundle returns the verified bundle of node.
+func (s *Source) Bundle(node string) (Bundle, bool) {
+	for _, b := range s.Bundles {
+		if b.Node.Name == node {
+			return b, true
+		}
+	}
+	return Bundle{}, false
+}
+
+// elfMachines maps GOARCH to the ELF machine its binaries declare.
+var elfMachines = map[string]elf.Machine{
+	"amd64":   elf.EM_X86_64,
+	"arm64":   elf.EM_AARCH64,
+	"arm":     elf.EM_ARM,
+	"386":     elf.EM_386,
+	"ppc64le": elf.EM_PPC64,
+	"s390x":   elf.EM_S390,
+	"riscv64": elf.EM_RISCV,
+}
+
+// Runner chooses the airadm binary the media carry for nodes of platform
+// (os/arch[/variant]). flag is --runner; self is the running binary and
+// goos/goarch its platform. With no flag, self serves when the platforms
+// match. A runner given by flag must be an ELF executable for the nodes'
+// architecture.
+func Runner(platform, flag, self, goos, goarch string) (string, error) {
+	parts := strings.Split(platform, "/")
+	if len(parts) < 2 || parts[0] != "linux" {
+		return "", inputErrorf("choosing the runner: the nodes' platform %q is not linux/<arch>", platform)
+	}
+	arch := parts[1]
+	if flag == "" {
+		if goos == "linux" && goarch == arch {
+			return self, nil
+		}
+		return "", inputErrorf("choosing the runner: the nodes are %s and this airadm is %s/%s: pass --runner with an airadm built for them (GOOS=linux GOARCH=%s go build)", platform, goos, goarch, arch)
+	}
+	want, ok := elfMachines[arch]
+	if !ok {
+		return "", inputErrorf("choosing the runner: no known ELF machine for architecture %q", arch)
+	}
+	f, err := elf.Open(flag)
+	if err != nil {
+		return "", inputErrorf("checking --runner %s: %w: want an airadm built for %s", flag, err, platform)
+	}
+	defer f.Close()
+	if f.Machine != want {
+		return "", inputErrorf("checking --runner %s: it is an ELF for %s, not for %s (%s)", flag, f.Machine, platform, want)
+	}
+	if f.Type != elf.ET_EXEC && f.Type != elf.ET_DYN {
+		return "", inputErrorf("checking --runner %s: it is an ELF %s, not an executable", flag, f.Type)
+	}
+	return flag, nil
+}
+
+func humanSize(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

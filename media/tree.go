@@ -1,0 +1,139 @@
+package media
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"strings"
+
+	"airadm.dev/airadm/trust"
+)
+
+// File is one file on a medium.
+type File struct {
+	// Path is slash-separated and relative to the medium's root.
+	Path string
+	// Mode is 0644, 0755 (the runner) or 0600 (bundles, which may hold
+	// keys); filesystems without modes (FAT) drop it.
+	Mode fs.FileMode
+	// Data is the content of a small generated file; From names a file on
+	// disk (a verified bundle, the runner) to copy instead.
+	Data []byte
+	From string
+	Size int64
+	// bundle, when set, is checked to be unchanged after it is copied.
+	bundle *Bundle
+	// sum is From's hex sha256, as verified.
+	sum string
+}
+
+// Tree is what one medium holds, in the order it is written.
+type Tree []File
+
+// Layout of every medium: the runner at the root, bundles under bundles/
+// with SHA256SUMS beside them, so that `cd bundles && sha256sum -c
+// SHA256SUMS` checks the bundles and the runner (listed as ../airadm), and
+// `airadm verify bundles/<node>.bundle` finds SHA256SUMS where it looks.
+const (
+	RunnerPath  = "airadm"
+	BundleDir   = "bundles"
+	InstallPath = "INSTALL.txt"
+)
+
+// ClusterTree is the content of the cluster ISO and USB image: the runner,
+// INSTALL.txt, and every bundle of src with its SHA256SUMS lines.
+func ClusterTree(src *Source, runner string) (Tree, error) {
+	r, sum, err := runnerFile(runner)
+	if err != nil {
+		return nil, err
+	}
+	t := Tree{r, {Path: InstallPath, Mode: 0o644, Data: installText(src, sum)}}
+	return append(t, bundleFiles(src, src.Bundles, sum)...), nil
+}
+
+// SeedTree is node's cloud-init NoCloud seed: meta-data, network-config
+// and user-data at the root (where NoCloud looks), with the runner, the
+// node's bundle and SHA256SUMS in the cluster layout, so that one attached
+// volume is all a machine needs.
+func SeedTree(src *Source, runner, node string) (Tree, error) {
+	b, ok := src.Bundle(node)
+	if !ok {
+		return nil, inputErrorf("writing the seed of %s: its bundle was not opened", node)
+	}
+	r, sum, err := runnerFile(runner)
+	if err != nil {
+		return nil, err
+	}
+	seed := Seed(src.Cluster, b.Node, b.ManifestDigest)
+	one := &Source{Cluster: src.Cluster, Dir: src.Dir, Bundles: []Bundle{b}}
+	t := Tree{
+		{Path: "meta-data", Mode: 0o644, Data: seed.MetaData},
+		{Path: "network-config", Mode: 0o644, Data: seed.NetworkConfig},
+		{Path: "user-data", Mode: 0o644, Data: seed.UserData},
+		r,
+		{Path: InstallPath, Mode: 0o644, Data: installText(one, sum)},
+	}
+	return append(t, bundleFiles(one, one.Bundles, sum)...), nil
+}
+
+func runnerFile(p string) (File, string, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return File{}, "", &InputError{fmt.Errorf("reading the runner: %w", err)}
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return File{}, "", fmt.Errorf("reading the runner %s: %w", p, err)
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	return File{Path: RunnerPath, Mode: 0o755, From: p, Size: n, sum: sum}, sum, nil
+}
+
+// bundleFiles lists bundles/SHA256SUMS and the bundles. The medium's
+// SHA256SUMS keeps the build's lines for these bundles only (a subset
+// medium lists no file it lacks) and adds the runner.
+func bundleFiles(src *Source, bs []Bundle, runnerSum string) Tree {
+	sums := trust.Sums{"../" + RunnerPath: {File: runnerSum}}
+	for _, b := range bs {
+		sums[b.Name] = trust.Sum{File: b.SHA256, Manifest: b.ManifestDigest}
+	}
+	t := Tree{{Path: path.Join(BundleDir, trust.SumsFile), Mode: 0o644, Data: sums.Encode()}}
+	for i := range bs {
+		b := &bs[i]
+		t = append(t, File{Path: path.Join(BundleDir, b.Name), Mode: 0o600, From: b.Path, Size: b.Size, bundle: b, sum: b.SHA256})
+	}
+	return t
+}
+
+// installText is INSTALL.txt: the exact commands, per node.
+func installText(src *Source, runnerSum string) []byte {
+	c := src.Cluster
+	var b strings.Builder
+	fmt.Fprintf(&b, "airadm install medium for cluster %s (Kubernetes %s)\n\n", c.Name, c.KubernetesVersion)
+	b.WriteString(`Mount this medium read-only, as root, on each node (MEDIUM below):
+  CD/ISO:    mount -o ro /dev/sr0 /mnt             # MEDIUM=/mnt
+  USB stick: mount -o ro LABEL=<label> /mnt        # the label printed on writing it
+
+Check every file, then the node's bundle, then bring the node up:
+  cd /mnt/bundles && sha256sum -c SHA256SUMS && cd /
+  /mnt/airadm verify /mnt/bundles/NODE.bundle
+  /mnt/airadm apply /mnt/bundles/NODE.bundle
+
+Apply control-plane nodes first; workers join once the API answers.
+If the medium is mounted noexec, copy the runner first:
+  install -m 0755 /mnt/airadm /usr/local/bin/airadm
+
+`)
+	b.WriteString("Nodes on this medium:\n")
+	for _, bd := range src.Bundles {
+		fmt.Fprintf(&b, "  %-12s %-13s %-15s bundles/%s  manifest %s\n", bd.Node.Name, bd.Node.Role, bd.Node.Address, bd.Name, bd.ManifestDigest)
+	}
+	fmt.Fprintf(&b, "\nrunner: airadm  sha256 %s\n", runnerSum)
+	return []byte(b.String())
+}
