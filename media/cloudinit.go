@@ -35,30 +35,34 @@ func Seed(c *render.Cluster, n render.Node, manifestDigest string) SeedFiles {
 }
 
 // networkConfig is network-config version 2 (netplan's format) with the
-// node's static address. Without an interface key it matches every
-// interface whose name starts with "e" (eth0, ens3, enp1s0): the first
-// ethernet of a machine with one. The default route is written as
-// 0.0.0.0/0 (or ::/0): cloud-init 22.4 rejects "to: default".
+// node's static address. cloud-init 22.4's own renderers (networkd, eni)
+// name the interface after the ethernets key and ignore match.name, so the
+// key is the interface: its name, or a glob ("e*" by default: eth0, ens3,
+// enp1s0, the first ethernet of a machine with one), or "*" with a MAC
+// match. systemd-networkd and netplan take globs; ifupdown (eni) needs a
+// plain name in the node's interface key. The IPv4 default route is
+// written as 0.0.0.0/0: cloud-init 22.4 rejects "to: default".
 func networkConfig(c *render.Cluster, n render.Node) []byte {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# Written by airadm media cidata: node %s of cluster %s.\n", n.Name, c.Name)
-	b.WriteString("version: 2\nethernets:\n  airadm0:\n    match:\n")
+	b.WriteString("version: 2\nethernets:\n")
 	switch {
 	case n.Interface == "":
-		b.WriteString("      name: \"e*\"\n")
+		b.WriteString("  \"e*\":\n    match:\n      name: \"e*\"\n")
 	case strings.Count(n.Interface, ":") == 5:
-		fmt.Fprintf(&b, "      macaddress: %q\n", n.Interface)
+		fmt.Fprintf(&b, "  \"*\":\n    match:\n      macaddress: %q\n", n.Interface)
 	default:
-		fmt.Fprintf(&b, "      name: %q\n", n.Interface)
+		fmt.Fprintf(&b, "  %q:\n    match:\n      name: %q\n", n.Interface, n.Interface)
 	}
 	b.WriteString("    dhcp4: false\n    dhcp6: false\n")
 	fmt.Fprintf(&b, "    addresses:\n      - %q\n", netip.PrefixFrom(n.Address, n.Prefix).String())
-	if n.Gateway.IsValid() {
-		to := "0.0.0.0/0"
-		if n.Gateway.Is6() {
-			to = "::/0"
-		}
-		fmt.Fprintf(&b, "    routes:\n      - to: %q\n        via: %q\n", to, n.Gateway.String())
+	switch {
+	case n.Gateway.Is4():
+		fmt.Fprintf(&b, "    routes:\n      - to: \"0.0.0.0/0\"\n        via: %q\n", n.Gateway.String())
+	case n.Gateway.Is6():
+		// cloud-init 22.4 turns a route to ::/0 into one to ::/64 (a
+		// zero prefix reads as unset), so IPv6 uses gateway6.
+		fmt.Fprintf(&b, "    gateway6: %q\n", n.Gateway.String())
 	}
 	if len(n.Nameservers) > 0 {
 		b.WriteString("    nameservers:\n      addresses:\n")
