@@ -127,7 +127,13 @@ func runFiles(ctx context.Context, r *Run) error {
 		if placed, err := r.staged.place(fe.Path, target, mode); err != nil {
 			return err
 		} else if !placed {
-			if err := atomicfile.Write(target, files[fe.Path], mode); err != nil {
+			data, ok := files[fe.Path]
+			if !ok {
+				// Staging dropped it as already in place, and it has
+				// changed since: its bytes are not at hand.
+				return fmt.Errorf("%s changed while apply ran; run apply again", fe.Path)
+			}
+			if err := atomicfile.Write(target, data, mode); err != nil {
 				return err
 			}
 		}

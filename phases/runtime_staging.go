@@ -59,7 +59,13 @@ func (s *staging) takes(fe bundle.FileEntry) bool {
 // stage streams fe's verified bytes to the staging area. The reader fails
 // at EOF on a digest mismatch, and the partial file is then removed.
 func (s *staging) stage(fe bundle.FileEntry, rd io.Reader) error {
-	if s.discard {
+	mode, err := fe.FileMode()
+	if err != nil {
+		return err
+	}
+	if s.discard || unchanged(hostfs.Path(s.root, fe.Path), fe, mode) {
+		// Verified and dropped: the files phase leaves a file already in
+		// place alone (and refuses one that changed since).
 		_, err := io.Copy(io.Discard, rd)
 		return err
 	}
@@ -67,10 +73,6 @@ func (s *staging) stage(fe bundle.FileEntry, rd io.Reader) error {
 		if err := s.create(); err != nil {
 			return err
 		}
-	}
-	mode, err := fe.FileMode()
-	if err != nil {
-		return err
 	}
 	p := filepath.Join(s.dir, strconv.Itoa(len(s.path)))
 	if err := atomicfile.WriteFrom(p, mode, func(w io.Writer) error {

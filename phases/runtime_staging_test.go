@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"airadm.dev/airadm/bundle"
@@ -128,5 +129,37 @@ func TestStaleStagingRemoved(t *testing.T) {
 	}
 	if _, err := os.Stat(stale); err == nil {
 		t.Error("a dead run's staging directory was left")
+	}
+}
+
+// TestInPlaceHostBinaryIsNotStaged: a re-run stages nothing for a binary
+// already in place (it is verified and dropped), and if that file changes
+// before the files phase, the phase refuses rather than write what it no
+// longer holds.
+func TestInPlaceHostBinaryIsNotStaged(t *testing.T) {
+	path, _ := hostBinaryBundle(t)
+	root := t.TempDir()
+	o := Options{Bundle: path, Root: root, Node: "cp1", Only: "files"}
+	if err := Apply(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	st := newStaging(root, false)
+	m, digest, files, err := verifyBundle(path, trust.Vouch{}, st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.cleanup()
+	if len(st.path) != 0 || st.dir != "" {
+		t.Errorf("a binary already in place was staged: %v", st.path)
+	}
+	os.WriteFile(hostfs.Path(root, "/usr/local/bin/tool"), []byte("changed"), 0o755)
+	j, err := LoadJournal(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan, _ := Plan(render.ControlPlane, nil, "files")
+	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan, files: files, staged: st, journal: j}
+	if err := runFiles(context.Background(), r); err == nil || !strings.Contains(err.Error(), "/usr/local/bin/tool changed while apply ran") {
+		t.Errorf("files phase = %v, want a refusal", err)
 	}
 }
