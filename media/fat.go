@@ -185,7 +185,38 @@ func fatSize(t Tree) int64 {
 	data += 1 * mib                // directories
 	size := data + data/64 + 4*mib // FATs at 4 bytes per 512-byte cluster at worst
 	size = (size + mib - 1) / mib * mib
-	return max(size, 64*mib)
+	size = max(size, 64*mib)
+	for !fatTableFits(size) {
+		size += mib
+	}
+	return size
+}
+
+// fatTableFits repeats go-diskfs v1.9.4's FAT32 layout for a volume of size
+// bytes and reports whether each FAT has an entry for every cluster. Its
+// closed-form sectors-per-FAT comes out one sector short at some sizes (64
+// MiB among them), which mtools and fsck.fat then refuse.
+func fatTableFits(size int64) bool {
+	var clusterBytes int64
+	switch {
+	case size <= 260*mib:
+		clusterBytes = 512
+	case size <= 8<<30:
+		clusterBytes = 4 << 10
+	case size <= 16<<30:
+		clusterBytes = 8 << 10
+	case size <= 32<<30:
+		clusterBytes = 16 << 10
+	default:
+		clusterBytes = 32 << 10
+	}
+	const reserved = 32
+	spc := clusterBytes / sector
+	total := size / sector
+	denom := sector*spc + 8
+	perFAT := (4*(total-reserved) + denom - 1) / denom
+	clusters := (total - reserved - 2*perFAT) / spc
+	return perFAT*(sector/4) >= clusters+2
 }
 
 // nameUUID derives a GUID from the tree's names and contents, so the same

@@ -1,0 +1,235 @@
+package media
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// medium is one kind of image the tests write from the quickstart.
+type medium struct {
+	name  string
+	write func(t *testing.T, src *Source, out string, epoch time.Time) error
+	// extract reads the image back with an independent tool into dir.
+	extract func(t *testing.T, img, dir string)
+	// modes says whether the medium keeps file modes.
+	modes bool
+	seed  bool
+}
+
+func media(t *testing.T) []medium {
+	xorriso := func(t *testing.T, img, dir string) {
+		run(t, "", need(t, "xorriso", "xorriso"), "-osirrox", "on", "-indev", img, "-extract", "/", dir)
+	}
+	mcopy := func(offset string) func(t *testing.T, img, dir string) {
+		return func(t *testing.T, img, dir string) {
+			os.MkdirAll(dir, 0o755)
+			run(t, "", need(t, "mcopy", "mtools"), "-s", "-n", "-i", img+offset, "::/", dir)
+		}
+	}
+	return []medium{
+		{name: "iso", modes: true, extract: xorriso, write: func(t *testing.T, src *Source, out string, epoch time.Time) error {
+			tr, err := ClusterTree(src, runner(t))
+			if err != nil {
+				return err
+			}
+			return WriteISO(out, tr, ISOOptions{Label: "AIRADM", Epoch: epoch})
+		}},
+		{name: "usb", extract: mcopy("@@1M"), write: func(t *testing.T, src *Source, out string, epoch time.Time) error {
+			tr, err := ClusterTree(src, runner(t))
+			if err != nil {
+				return err
+			}
+			return WriteFAT(out, tr, FATOptions{Label: "AIRADM_USB", Epoch: epoch, Partitioned: true})
+		}},
+		{name: "cidata-iso", modes: true, seed: true, extract: xorriso, write: func(t *testing.T, src *Source, out string, epoch time.Time) error {
+			tr, err := SeedTree(src, runner(t), "w1")
+			if err != nil {
+				return err
+			}
+			return WriteISO(out, tr, ISOOptions{Label: SeedLabel, Epoch: epoch})
+		}},
+		{name: "cidata-fat", seed: true, extract: mcopy(""), write: func(t *testing.T, src *Source, out string, epoch time.Time) error {
+			tr, err := SeedTree(src, runner(t), "w1")
+			if err != nil {
+				return err
+			}
+			return WriteFAT(out, tr, FATOptions{Label: SeedLabel, Epoch: epoch})
+		}},
+	}
+}
+
+// TestReadBack writes each medium and reads it back with xorriso or mtools:
+// the layout, sha256sum -c on the tree as read back, and the runner's
+// execute bit where the filesystem keeps modes. (airadm verify from the
+// read-back tree runs in testdata/script/media.txtar, with a real runner.)
+func TestReadBack(t *testing.T) {
+	c, out := quickstart(t)
+	src, err := Open(out, c, nil, FATMaxFile, "FAT32")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sha256sum := need(t, "sha256sum", "coreutils")
+	for _, m := range media(t) {
+		t.Run(m.name, func(t *testing.T) {
+			dir := t.TempDir()
+			img := filepath.Join(dir, "img")
+			if err := m.write(t, src, img, src.Epoch()); err != nil {
+				t.Fatal(err)
+			}
+			x := filepath.Join(dir, "x")
+			m.extract(t, img, x)
+			want := []string{"airadm", "INSTALL.txt", "bundles/SHA256SUMS", "bundles/w1.bundle"}
+			if m.seed {
+				want = append(want, "meta-data", "user-data", "network-config")
+			} else {
+				want = append(want, "bundles/cp1.bundle", "bundles/w2.bundle")
+			}
+			for _, p := range want {
+				if _, err := os.Stat(filepath.Join(x, p)); err != nil {
+					t.Errorf("read back: %v", err)
+				}
+			}
+			got := run(t, filepath.Join(x, "bundles"), sha256sum, "-c", "SHA256SUMS")
+			if !strings.Contains(got, "../airadm: OK") || !strings.Contains(got, "w1.bundle: OK") {
+				t.Errorf("sha256sum -c:\n%s", got)
+			}
+			if m.modes {
+				fi, err := os.Stat(filepath.Join(x, "airadm"))
+				if err != nil || fi.Mode().Perm() != 0o755 {
+					t.Errorf("runner read back as %v, %v; want mode 0755", fi.Mode(), err)
+				}
+				fi, err = os.Stat(filepath.Join(x, "bundles", "w1.bundle"))
+				if err != nil || fi.Mode().Perm() != 0o600 {
+					t.Errorf("bundle read back as %v, %v; want mode 0600 (it may hold keys)", fi.Mode(), err)
+				}
+			}
+		})
+	}
+}
+
+// TestISORecords reads the ISO's descriptors with xorriso: the label, Rock
+// Ridge and Joliet, the normalised dates, and long names through Joliet
+// alone.
+func TestISORecords(t *testing.T) {
+	xorriso := need(t, "xorriso", "xorriso")
+	c, out := quickstart(t)
+	src, err := Open(out, c, []string{"w1"}, 0, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(t.TempDir(), "c.iso")
+	tr, err := ClusterTree(src, runner(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteISO(img, tr, ISOOptions{Label: "DC1_MEDIA", Epoch: src.Epoch()}); err != nil {
+		t.Fatal(err)
+	}
+	toc := run(t, "", xorriso, "-indev", img, "-toc", "-pvd_info")
+	for _, w := range []string{
+		"ISO offers   : Rock_Ridge Joliet",
+		"Volume Id    : DC1_MEDIA",
+		"Creation Time: 2026010100000000",
+		"Modif. Time  : 2026010100000000",
+		"Expir. Time  : 0000000000000000",
+	} {
+		if !strings.Contains(toc, w+"\n") {
+			t.Errorf("xorriso -toc -pvd_info lacks %q:\n%s", w, toc)
+		}
+	}
+	joliet := run(t, "", xorriso, "-rockridge", "off", "-joliet", "on", "-indev", img, "-find", "/", "-type", "f")
+	for _, w := range []string{"'/INSTALL.txt'", "'/airadm'", "'/bundles/SHA256SUMS'", "'/bundles/w1.bundle'"} {
+		if !strings.Contains(joliet, w+"\n") {
+			t.Errorf("Joliet tree lacks %s:\n%s", w, joliet)
+		}
+	}
+	rr := run(t, "", xorriso, "-rockridge", "on", "-indev", img, "-lsdl", "/airadm", "/bundles/w1.bundle")
+	for _, w := range []string{"-rwxr-xr-x    1 0        0", "-rw-------    1 0        0"} {
+		if !strings.Contains(rr, w) {
+			t.Errorf("Rock Ridge records lack %q:\n%s", w, rr)
+		}
+	}
+}
+
+// TestDeterministic writes every medium twice from the same input, with
+// the source files' times and the environment's SOURCE_DATE_EPOCH (which
+// go-diskfs reads for FAT) changed in between: the bytes must be the same.
+// A different epoch must change them.
+func TestDeterministic(t *testing.T) {
+	c, out := quickstart(t)
+	for _, m := range media(t) {
+		t.Run(m.name, func(t *testing.T) {
+			dir := t.TempDir()
+			sums := map[string]string{}
+			for i, env := range []string{"1", "1000000000", ""} {
+				t.Setenv("SOURCE_DATE_EPOCH", env)
+				for _, b := range []string{"cp1", "w1", "w2"} {
+					at := time.Unix(int64(1e9+i*3600), 0)
+					os.Chtimes(filepath.Join(out, b+".bundle"), at, at)
+				}
+				src, err := Open(out, c, nil, 0, "")
+				if err != nil {
+					t.Fatal(err)
+				}
+				epoch := src.Epoch()
+				if env == "" {
+					epoch = epoch.Add(time.Hour)
+				}
+				img := filepath.Join(dir, "img"+env)
+				if err := m.write(t, src, img, epoch); err != nil {
+					t.Fatal(err)
+				}
+				sums[env] = fileSHA256(t, img)
+			}
+			if sums["1"] != sums["1000000000"] {
+				t.Errorf("two writes of the same input differ: %s, %s", sums["1"], sums["1000000000"])
+			}
+			if sums["1"] == sums[""] {
+				t.Errorf("another epoch gave the same bytes %s", sums[""])
+			}
+		})
+	}
+}
+
+// TestWriteLeavesNothingOnFailure: a refused write leaves no image and no
+// temporary file beside it.
+func TestWriteLeavesNothingOnFailure(t *testing.T) {
+	c, out := quickstart(t)
+	src, err := Open(out, c, []string{"w1"}, 0, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := ClusterTree(src, runner(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name  string
+		write func(p string) error
+		want  string
+	}{
+		{"ISO label", func(p string) error { return WriteISO(p, tr, ISOOptions{Label: "lower"}) }, `label "lower": want 1 to 32 of A-Z`},
+		{"FAT label too long", func(p string) error { return WriteFAT(p, tr, FATOptions{Label: "TWELVE_CHARS"}) }, "want 1 to 11"},
+		{"FAT label names a root file", func(p string) error { return WriteFAT(p, tr, FATOptions{Label: "AIRADM"}) }, "has a file or directory of that name at its root"},
+		{"bundle changed after verification", func(p string) error {
+			now := time.Now().Add(time.Hour)
+			os.Chtimes(filepath.Join(out, "w1.bundle"), now, now)
+			return WriteISO(p, tr, ISOOptions{Label: "AIRADM"})
+		}, "changed after it was verified"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			err := tt.write(filepath.Join(dir, "img"))
+			if err == nil || !strings.Contains(err.Error(), tt.want) || !isInput(err) {
+				t.Fatalf("write = %v, want an InputError containing %q", err, tt.want)
+			}
+			if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+				t.Errorf("a refused write left %v", entries)
+			}
+		})
+	}
+}
