@@ -54,6 +54,7 @@ func Binaries() []Binary {
 		{"bridge", "containerd", "github.com/containernetworking/plugins/plugins/main/bridge"},
 		{"host-local", "containerd", "github.com/containernetworking/plugins/plugins/ipam/host-local"},
 		{"loopback", "containerd", "github.com/containernetworking/plugins/plugins/main/loopback"},
+		{"portmap", "containerd", "github.com/containernetworking/plugins/plugins/meta/portmap"},
 		{"coredns", "coredns", "github.com/coredns/coredns"},
 	}
 }
