@@ -37,6 +37,7 @@ func runtimeSources(t *testing.T) map[string]string {
 		"/opt/cni/bin/bridge":                    "bridge",
 		"/opt/cni/bin/host-local":                "host-local",
 		"/opt/cni/bin/loopback":                  "loopback",
+		"/opt/cni/bin/portmap":                   "portmap",
 	} {
 		p, err := k8sbin.Path(name)
 		if err != nil {
@@ -183,6 +184,7 @@ func TestRuntimePhase(t *testing.T) {
 		"containerd: from the bundle (/usr/local/bin/containerd)",
 		"runc: from the bundle (/usr/local/sbin/runc)",
 		"loopback: from the bundle (/opt/cni/bin/loopback)",
+		"portmap: from the bundle (/opt/cni/bin/portmap)",
 		"wrote /etc/containerd/config.toml",
 		"started containerd (pid ",
 	} {
