@@ -4,7 +4,6 @@ import (
 	"bytes"
 	_ "embed"
 	"fmt"
-	"slices"
 	"sort"
 	"strings"
 
@@ -335,8 +334,13 @@ func ContainerdBinaries() []string {
 // phase installs or writes these files itself. containerd's unit is not
 // among them: a bundle may carry its own, which the phase then uses.
 func runtimePath(p string) string {
-	if slices.Contains([]string{ContainerdConfigFile, ModulesLoadFile, SysctlFile}, p) {
-		return p + " is installed by the runtime phase from what airadm renders"
+	for _, f := range []string{ContainerdConfigFile, ModulesLoadFile, SysctlFile} {
+		if p == f {
+			return p + " is installed by the runtime phase from what airadm renders"
+		}
+		if strings.HasPrefix(f, p+"/") {
+			return fmt.Sprintf("%s would hide %s, which the runtime phase installs", p, f)
+		}
 	}
 	return ""
 }

@@ -70,7 +70,8 @@ func TestReservedHostPath(t *testing.T) {
 		"/etc/systemd/system/kubelet.service":    true,
 		"/etc/systemd/system/containerd.service": false, // a bundle may carry its own
 		"/etc/containerd/config.toml":            true,
-		"/etc/containerd":                        false,
+		"/etc/containerd":                        true, // would hide config.toml
+		"/etc/containerd/certs.d/x":              false,
 		"/etc/sysctl.d/99-airadm-k8s.conf":       true,
 		"/usr/bin/kubelet":                       false,
 	} {
