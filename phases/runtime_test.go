@@ -314,3 +314,86 @@ address = "127.0.1.21"
 	}
 	resetLeavesNothing(t, root)
 }
+
+// fakeSystemctl is a systemctl for a host without systemd: it records its
+// arguments and runs the unit's containerd itself, so the systemd path of
+// the runtime phase can run here.
+const fakeSystemctl = `#!/bin/sh
+echo "$@" >> "$FAKE_SYSTEMD/calls"
+case "$1" in
+is-active) [ -f "$FAKE_SYSTEMD/pid" ] && kill -0 "$(cat "$FAKE_SYSTEMD/pid")"; exit ;;
+start|restart)
+	[ -f "$FAKE_SYSTEMD/pid" ] && kill "$(cat "$FAKE_SYSTEMD/pid")" && sleep 0.2
+	exec=$(sed -n 's/^ExecStart=//p' "$FAKE_ROOT/etc/systemd/system/containerd.service")
+	PATH="$FAKE_ROOT/usr/local/sbin:$PATH" setsid "$FAKE_ROOT$exec" --config "$FAKE_ROOT/etc/containerd/config.toml" >>"$FAKE_SYSTEMD/log" 2>&1 &
+	echo $! > "$FAKE_SYSTEMD/pid" ;;
+esac
+exit 0
+`
+
+// TestRuntimePhaseSystemd runs the systemd path (a fake systemctl that
+// starts the unit's ExecStart): the upstream unit is installed pointing at
+// the bundle's containerd (here /usr/bin/containerd, not upstream's
+// /usr/local/bin), enabled and started; a re-run finds it active and
+// starts nothing. Under the live lock, like TestRuntimePhase.
+func TestRuntimePhaseSystemd(t *testing.T) {
+	dir, err := os.MkdirTemp("", "rts-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := t.TempDir()
+	t.Cleanup(func() {
+		if b, err := os.ReadFile(filepath.Join(fake, "pid")); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		phases.Reset(context.Background(), phases.ResetOptions{Root: dir})
+		os.RemoveAll(dir)
+	})
+	if err := os.WriteFile(filepath.Join(fake, "systemctl"), []byte(fakeSystemctl), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", fake+":"+os.Getenv("PATH"))
+	t.Setenv("FAKE_SYSTEMD", fake)
+	t.Setenv("FAKE_ROOT", dir)
+	sources := runtimeSources(t)
+	sources["/usr/bin/containerd"] = sources["/usr/local/bin/containerd"]
+	delete(sources, "/usr/local/bin/containerd")
+	c := clustertest.New(t, runtimeConfig(t, dir, sources, ""))
+	path, digest := runtimeBundle(t, c, sources)
+	o := phases.Options{Bundle: path, ManifestDigest: digest, Root: dir, Node: "w1",
+		SkipPhases: []string{"images", "kubelet", "tls-bootstrap"}, IgnorePreflight: []string{"ports", "swap", "sandbox-image"},
+		Kubelet: phases.KubeletSystemd}
+	var out bytes.Buffer
+	o.Out = &out
+	if err := phases.Apply(context.Background(), o); err != nil {
+		log, _ := os.ReadFile(filepath.Join(fake, "log"))
+		t.Fatalf("apply: %v\n%s\ncontainerd log:\n%s", err, out.String(), log)
+	}
+	unit, err := os.ReadFile(hostfs.Path(dir, render.ContainerdUnitFile))
+	if err != nil || !bytes.Contains(unit, []byte("\nExecStart=/usr/bin/containerd\n")) || !bytes.Contains(unit, []byte("Delegate=yes")) {
+		t.Errorf("installed unit (%v) does not start the bundle's /usr/bin/containerd:\n%s", err, unit)
+	}
+	calls, _ := os.ReadFile(filepath.Join(fake, "calls"))
+	if want := "daemon-reload\nenable containerd\nis-active --quiet containerd\nstart containerd\n"; string(calls) != want {
+		t.Errorf("systemctl calls:\n%s\nwant:\n%s", calls, want)
+	}
+	if !strings.Contains(out.String(), "containerd: from the bundle (/usr/bin/containerd)") || !phaseTime.MatchString(out.String()) {
+		t.Errorf("apply's output:\n%s", out.String())
+	}
+	criOK(t, filepath.Join(dir, "run/containerd/containerd.sock"))
+
+	os.Remove(filepath.Join(fake, "calls"))
+	out.Reset()
+	if err := phases.Apply(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	calls, _ = os.ReadFile(filepath.Join(fake, "calls"))
+	if want := "daemon-reload\nenable containerd\nis-active --quiet containerd\n"; string(calls) != want {
+		t.Errorf("a re-run's systemctl calls:\n%s\nwant:\n%s", calls, want)
+	}
+	if !strings.Contains(out.String(), "containerd already running (systemd), its config unchanged") {
+		t.Errorf("a re-run's output:\n%s", out.String())
+	}
+}
