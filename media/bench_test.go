@@ -1,0 +1,132 @@
+package media
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"flag"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/render"
+	"airadm.dev/airadm/trust"
+)
+
+var benchBytes = flag.Int64("media.bytes", 1<<30, "layer bytes of the bundle in the media benchmarks")
+
+// bigBundle writes out/cp1.bundle, carrying *benchBytes of layers streamed
+// from a fast PRNG, and its SHA256SUMS, as airadm build would.
+func bigBundle(b *testing.B) (*render.Cluster, string) {
+	b.Helper()
+	c, err := render.Parse("bench.toml", []byte("name = \"bench\"\n[[nodes]]\nname = \"cp1\"\nrole = \"control-plane\"\naddress = \"10.0.0.11\"\n"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	cache, err := bundle.OpenCache(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	put := func(r io.Reader, n int64) v1.Hash {
+		tmp := filepath.Join(b.TempDir(), "blob")
+		f, _ := os.Create(tmp)
+		h := sha256.New()
+		w := bufio.NewWriterSize(io.MultiWriter(f, h), 1<<20)
+		if _, err := io.CopyN(w, r, n); err != nil {
+			b.Fatal(err)
+		}
+		w.Flush()
+		f.Close()
+		d := v1.Hash{Algorithm: "sha256", Hex: hex.EncodeToString(h.Sum(nil))}
+		f, _ = os.Open(tmp)
+		defer f.Close()
+		defer os.Remove(tmp)
+		if err := cache.Put(d, n, f); err != nil {
+			b.Fatal(err)
+		}
+		return d
+	}
+	const layerSize = 128 << 20
+	rng := rand.NewChaCha8([32]byte{1})
+	var layers []v1.Descriptor
+	for left := *benchBytes; left > 0; left -= layerSize {
+		n := min(int64(layerSize), left)
+		layers = append(layers, v1.Descriptor{MediaType: types.OCILayer, Digest: put(rng, n), Size: n})
+	}
+	config := []byte(`{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}`)
+	cfg := v1.Descriptor{MediaType: types.OCIConfigJSON, Digest: put(bytes.NewReader(config), int64(len(config))), Size: int64(len(config))}
+	raw, _ := json.Marshal(v1.Manifest{SchemaVersion: 2, MediaType: types.OCIManifestSchema1, Config: cfg, Layers: layers})
+	md := put(bytes.NewReader(raw), int64(len(raw)))
+	contents := bundle.Contents{
+		Cluster: "bench", Node: "cp1", Role: "control-plane", KubernetesVersion: render.KubernetesVersion, BuildTime: time.Unix(0, 0),
+		Files: []render.File{{Path: "/etc/kubernetes/pki/ca.crt", Mode: 0o644, Data: []byte("ca")}},
+		Images: []bundle.Image{{Ref: "registry.example/big:1", Platform: "linux/amd64",
+			Manifest: v1.Descriptor{MediaType: types.OCIManifestSchema1, Digest: md, Size: int64(len(raw))},
+			Blobs:    append([]v1.Descriptor{cfg}, layers...)}},
+	}
+	out := b.TempDir()
+	f, _ := os.Create(filepath.Join(out, "cp1.bundle"))
+	h := sha256.New()
+	w := bufio.NewWriterSize(io.MultiWriter(f, h), 1<<20)
+	_, digest, err := bundle.Write(w, contents, cache)
+	if err != nil {
+		b.Fatal(err)
+	}
+	w.Flush()
+	f.Close()
+	sums := trust.Sums{"cp1.bundle": {File: hex.EncodeToString(h.Sum(nil)), Manifest: digest}}
+	if err := sums.Write(filepath.Join(out, trust.SumsFile)); err != nil {
+		b.Fatal(err)
+	}
+	return c, out
+}
+
+// BenchmarkISO verifies a bundle of *benchBytes and writes the cluster ISO
+// (airadm media iso), and, as the baseline in the same run, copies the same
+// files (bundle and runner) to the same disk while hashing them with
+// sha256, syncing both. "ratio" is ISO/baseline (target <= 1.3).
+func BenchmarkISO(b *testing.B) {
+	c, out := bigBundle(b)
+	self := runner(b)
+	dir := b.TempDir()
+	var ours, base time.Duration
+	for b.Loop() {
+		t0 := time.Now()
+		for _, p := range []string{filepath.Join(out, "cp1.bundle"), self} {
+			in, _ := os.Open(p)
+			cp, _ := os.Create(filepath.Join(dir, "copy-"+filepath.Base(p)))
+			h := sha256.New()
+			if _, err := io.CopyBuffer(io.MultiWriter(cp, h), in, make([]byte, 1<<20)); err != nil {
+				b.Fatal(err)
+			}
+			in.Close()
+			cp.Sync()
+			cp.Close()
+		}
+		t1 := time.Now()
+		src, err := Open(out, c, nil, 0, "")
+		if err != nil {
+			b.Fatal(err)
+		}
+		t, err := ClusterTree(src, self)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := WriteISO(filepath.Join(dir, "c.iso"), t, ISOOptions{Label: "AIRADM", Epoch: src.Epoch()}); err != nil {
+			b.Fatal(err)
+		}
+		ours += time.Since(t1)
+		base += t1.Sub(t0)
+	}
+	b.SetBytes(*benchBytes)
+	b.ReportMetric(float64(ours)/float64(base), "ratio")
+}
