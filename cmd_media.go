@@ -154,16 +154,7 @@ func (cmd *MediaCidataCmd) Run(env *Env) error {
 	if err != nil {
 		return err
 	}
-	t, err := media.SeedTree(src, runner, cmd.Node)
-	if err != nil {
-		return mediaError(err)
-	}
-	if cmd.Format == "fat" {
-		err = media.WriteFAT(cmd.Out, t, media.FATOptions{Label: media.SeedLabel, Epoch: epoch})
-	} else {
-		err = media.WriteISO(cmd.Out, t, media.ISOOptions{Label: media.SeedLabel, Epoch: epoch})
-	}
-	if err != nil {
+	if err := media.WriteSeed(cmd.Out, src, runner, cmd.Node, cmd.Format, epoch); err != nil {
 		return mediaError(err)
 	}
 	b, _ := src.Bundle(cmd.Node)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path"
 	"strings"
+	"time"
 
 	"airadm.dev/airadm/trust"
 )
@@ -78,6 +79,23 @@ func SeedTree(src *Source, runner, node string) (Tree, error) {
 		{Path: InstallPath, Mode: 0o644, Data: installText(one, sum)},
 	}
 	return append(t, bundleFiles(one, one.Bundles, sum)...), nil
+}
+
+// WriteSeed writes node's NoCloud seed at path, as an ISO 9660 image
+// ("iso") or a bare FAT32 volume ("fat"), both labelled CIDATA: what
+// `airadm media cidata` writes, for tests and tools that attach it to a VM.
+func WriteSeed(path string, src *Source, runner, node, format string, epoch time.Time) error {
+	t, err := SeedTree(src, runner, node)
+	if err != nil {
+		return err
+	}
+	switch format {
+	case "iso":
+		return WriteISO(path, t, ISOOptions{Label: SeedLabel, Epoch: epoch})
+	case "fat":
+		return WriteFAT(path, t, FATOptions{Label: SeedLabel, Epoch: epoch})
+	}
+	return inputErrorf("seed format %q: want iso or fat", format)
 }
 
 func runnerFile(p string) (File, string, error) {

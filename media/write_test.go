@@ -45,18 +45,10 @@ func media(t *testing.T) []medium {
 			return WriteFAT(out, tr, FATOptions{Label: "AIRADM_USB", Epoch: epoch, Partitioned: true})
 		}},
 		{name: "cidata-iso", modes: true, seed: true, extract: xorriso, write: func(t *testing.T, src *Source, out string, epoch time.Time) error {
-			tr, err := SeedTree(src, runner(t), "w1")
-			if err != nil {
-				return err
-			}
-			return WriteISO(out, tr, ISOOptions{Label: SeedLabel, Epoch: epoch})
+			return WriteSeed(out, src, runner(t), "w1", "iso", epoch)
 		}},
 		{name: "cidata-fat", seed: true, extract: mcopy(""), write: func(t *testing.T, src *Source, out string, epoch time.Time) error {
-			tr, err := SeedTree(src, runner(t), "w1")
-			if err != nil {
-				return err
-			}
-			return WriteFAT(out, tr, FATOptions{Label: SeedLabel, Epoch: epoch})
+			return WriteSeed(out, src, runner(t), "w1", "fat", epoch)
 		}},
 	}
 }
