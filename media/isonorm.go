@@ -15,7 +15,8 @@ import (
 // copies them from the workspace's inodes, whose ctime no program can set).
 // Times become epoch, owners root and files' link counts 1; modes stay the
 // tree's.
-// It changes no offsets or lengths: the layout is go-diskfs's.
+// It changes no offsets or lengths: the layout is go-diskfs's. It also
+// repairs one go-diskfs v1.9.4 defect, in jolietLinks.
 func normaliseISO(f io.ReaderAt, epoch time.Time) error {
 	w, ok := f.(io.WriterAt)
 	if !ok {
@@ -46,6 +47,11 @@ func normaliseISO(f io.ReaderAt, epoch time.Time) error {
 		copy(root[18:25], n.short)
 		if _, err := w.WriteAt(vd, sector*isoSector); err != nil {
 			return fmt.Errorf("normalising the ISO: %w", err)
+		}
+		if typ == 2 {
+			if err := n.jolietLinks(binary.LittleEndian.Uint32(vd[140:]), binary.LittleEndian.Uint32(vd[132:])); err != nil {
+				return fmt.Errorf("normalising the ISO: %w", err)
+			}
 		}
 		if err := n.dir(binary.LittleEndian.Uint32(root[2:]), binary.LittleEndian.Uint32(root[10:])); err != nil {
 			return fmt.Errorf("normalising the ISO: %w", err)
@@ -149,6 +155,83 @@ func (n *isoNorm) pathTable(lba, size uint32) error {
 			return err
 		}
 		pos += 8 + l + l%2
+	}
+	return nil
+}
+
+// jolietLinks points every Joliet record of a subdirectory at the Joliet
+// copy of that directory, as the Joliet path table (L, at lba) lists it.
+// go-diskfs v1.9.4 writes the copies but points the records at the primary
+// directories, so a reader that follows Joliet records (Windows, isoinfo
+// -J) would list a subdirectory's files under their ISO 9660 names
+// (CP1.BUN;1) read as UCS-2.
+func (n *isoNorm) jolietLinks(lba, size uint32) error {
+	pt := make([]byte, size)
+	if _, err := n.r.ReadAt(pt, int64(lba)*isoSector); err != nil {
+		return fmt.Errorf("reading the Joliet path table: %w", err)
+	}
+	type entry struct {
+		lba    uint32
+		parent int
+		name   string
+	}
+	var dirs []entry // directory number i+1, as the table counts
+	for pos := 0; pos+8 <= len(pt); {
+		l := int(pt[pos])
+		if l == 0 || pos+8+l > len(pt) {
+			break
+		}
+		dirs = append(dirs, entry{binary.LittleEndian.Uint32(pt[pos+2:]), int(binary.LittleEndian.Uint16(pt[pos+6:])), string(pt[pos+8 : pos+8+l])})
+		pos += 8 + l + l%2
+	}
+	dirSize := func(lba uint32) (uint32, error) {
+		dot := make([]byte, 34)
+		if _, err := n.r.ReadAt(dot, int64(lba)*isoSector); err != nil {
+			return 0, fmt.Errorf("reading directory at sector %d: %w", lba, err)
+		}
+		return binary.LittleEndian.Uint32(dot[10:]), nil
+	}
+	for num, d := range dirs {
+		size, err := dirSize(d.lba)
+		if err != nil {
+			return err
+		}
+		buf := make([]byte, size)
+		if _, err := n.r.ReadAt(buf, int64(d.lba)*isoSector); err != nil {
+			return fmt.Errorf("reading directory at sector %d: %w", d.lba, err)
+		}
+		changed := false
+		for pos := 0; pos < len(buf); {
+			l := int(buf[pos])
+			if l == 0 {
+				pos = (pos/isoSector + 1) * isoSector
+				continue
+			}
+			if l < 34 || pos+l > len(buf) {
+				return fmt.Errorf("directory at sector %d: bad record length %d at %d", d.lba, l, pos)
+			}
+			rec := buf[pos : pos+l]
+			name := string(rec[33 : 33+int(rec[32])])
+			if rec[25]&2 != 0 && len(name) > 1 {
+				for _, child := range dirs {
+					if child.parent == num+1 && child.name == name && binary.LittleEndian.Uint32(rec[2:]) != child.lba {
+						childSize, err := dirSize(child.lba)
+						if err != nil {
+							return err
+						}
+						putBoth(rec[2:], child.lba)
+						putBoth(rec[10:], childSize)
+						changed = true
+					}
+				}
+			}
+			pos += l
+		}
+		if changed {
+			if _, err := n.w.WriteAt(buf, int64(d.lba)*isoSector); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

@@ -102,9 +102,9 @@ func TestReadBack(t *testing.T) {
 	}
 }
 
-// TestISORecords reads the ISO's descriptors with xorriso: the label, Rock
-// Ridge and Joliet, the normalised dates, and long names through Joliet
-// alone.
+// TestISORecords reads the ISO's descriptors with xorriso and isoinfo: the
+// label, Rock Ridge and Joliet, the normalised dates, and long names
+// through the Joliet tree alone.
 func TestISORecords(t *testing.T) {
 	xorriso := need(t, "xorriso", "xorriso")
 	c, out := quickstart(t)
@@ -137,6 +137,18 @@ func TestISORecords(t *testing.T) {
 		if !strings.Contains(joliet, w+"\n") {
 			t.Errorf("Joliet tree lacks %s:\n%s", w, joliet)
 		}
+	}
+	// isoinfo (genisoimage) follows the Joliet directory records, which
+	// go-diskfs v1.9.4 alone gets wrong for subdirectories.
+	isoinfo := need(t, "isoinfo", "genisoimage")
+	d := run(t, "", isoinfo, "-d", "-i", img)
+	for _, w := range []string{"Volume id: DC1_MEDIA", "Joliet with UCS level 3 found", "Rock Ridge signatures version 1 found"} {
+		if !strings.Contains(d, w+"\n") {
+			t.Errorf("isoinfo -d lacks %q:\n%s", w, d)
+		}
+	}
+	if got, want := run(t, "", isoinfo, "-J", "-f", "-i", img), "/INSTALL.txt\n/airadm\n/bundles\n/bundles/SHA256SUMS\n/bundles/w1.bundle\n"; got != want {
+		t.Errorf("isoinfo -J -f (the Joliet tree):\n%s\nwant:\n%s", got, want)
 	}
 	rr := run(t, "", xorriso, "-rockridge", "on", "-indev", img, "-lsdl", "/airadm", "/bundles/w1.bundle")
 	for _, w := range []string{"-rwxr-xr-x    1 0        0", "-rw-------    1 0        0"} {
