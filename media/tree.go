@@ -136,7 +136,7 @@ func installText(src *Source, runnerSum string) []byte {
 	fmt.Fprintf(&b, "airadm install medium for cluster %s (Kubernetes %s)\n\n", c.Name, c.KubernetesVersion)
 	b.WriteString(`Mount this medium read-only, as root, on each node (MEDIUM below):
   CD/ISO:    mount -o ro /dev/sr0 /mnt             # MEDIUM=/mnt
-  USB stick: mount -o ro LABEL=<label> /mnt        # the label printed on writing it
+  USB stick: mount -o ro,umask=077 LABEL=<label> /mnt   # FAT has no modes
 
 Check every file, then the node's bundle, then bring the node up:
   cd /mnt/bundles && sha256sum -c SHA256SUMS && cd /
