@@ -94,7 +94,7 @@ func (cmd *MediaISOCmd) Run(env *Env) error {
 	if err != nil {
 		return err
 	}
-	t, err := media.ClusterTree(src, runner)
+	t, err := media.ClusterTree(src, runner, media.Mount{Label: cmd.Label})
 	if err != nil {
 		return mediaError(err)
 	}
@@ -123,7 +123,7 @@ func (cmd *MediaUSBCmd) Run(env *Env) error {
 	if err != nil {
 		return err
 	}
-	t, err := media.ClusterTree(src, runner)
+	t, err := media.ClusterTree(src, runner, media.Mount{Label: cmd.Label, FAT: true})
 	if err != nil {
 		return mediaError(err)
 	}

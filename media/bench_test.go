@@ -117,7 +117,7 @@ func BenchmarkISO(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		t, err := ClusterTree(src, self)
+		t, err := ClusterTree(src, self, Mount{Label: "AIRADM"})
 		if err != nil {
 			b.Fatal(err)
 		}

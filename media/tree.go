@@ -45,14 +45,28 @@ const (
 	InstallPath = "INSTALL.txt"
 )
 
+// Mount says how a medium is mounted, for INSTALL.txt: its label, and
+// whether it is FAT (which has no modes, so it is mounted umask=077).
+type Mount struct {
+	Label string
+	FAT   bool
+}
+
+func (m Mount) command() string {
+	if m.FAT {
+		return "mount -o ro,umask=077 LABEL=" + m.Label + " /mnt"
+	}
+	return "mount -o ro LABEL=" + m.Label + " /mnt       # or: mount -o ro /dev/sr0 /mnt"
+}
+
 // ClusterTree is the content of the cluster ISO and USB image: the runner,
 // INSTALL.txt, and every bundle of src with its SHA256SUMS lines.
-func ClusterTree(src *Source, runner string) (Tree, error) {
+func ClusterTree(src *Source, runner string, m Mount) (Tree, error) {
 	r, sum, err := runnerFile(runner)
 	if err != nil {
 		return nil, err
 	}
-	t := Tree{r, {Path: InstallPath, Mode: 0o644, Data: installText(src, sum)}}
+	t := Tree{r, {Path: InstallPath, Mode: 0o644, Data: installText(src, sum, m)}}
 	return append(t, bundleFiles(src, src.Bundles, sum)...), nil
 }
 
@@ -60,7 +74,7 @@ func ClusterTree(src *Source, runner string) (Tree, error) {
 // and user-data at the root (where NoCloud looks), with the runner, the
 // node's bundle and SHA256SUMS in the cluster layout, so that one attached
 // volume is all a machine needs.
-func SeedTree(src *Source, runner, node string) (Tree, error) {
+func SeedTree(src *Source, runner, node string, fat bool) (Tree, error) {
 	b, ok := src.Bundle(node)
 	if !ok {
 		return nil, inputErrorf("writing the seed of %s: its bundle was not opened", node)
@@ -76,7 +90,7 @@ func SeedTree(src *Source, runner, node string) (Tree, error) {
 		{Path: "network-config", Mode: 0o644, Data: seed.NetworkConfig},
 		{Path: "user-data", Mode: 0o644, Data: seed.UserData},
 		r,
-		{Path: InstallPath, Mode: 0o644, Data: installText(one, sum)},
+		{Path: InstallPath, Mode: 0o644, Data: installText(one, sum, Mount{Label: SeedLabel, FAT: fat})},
 	}
 	return append(t, bundleFiles(one, one.Bundles, sum)...), nil
 }
@@ -85,7 +99,7 @@ func SeedTree(src *Source, runner, node string) (Tree, error) {
 // ("iso") or a bare FAT32 volume ("fat"), both labelled CIDATA: what
 // `airadm media cidata` writes, for tests and tools that attach it to a VM.
 func WriteSeed(path string, src *Source, runner, node, format string, epoch time.Time) error {
-	t, err := SeedTree(src, runner, node)
+	t, err := SeedTree(src, runner, node, format == "fat")
 	if err != nil {
 		return err
 	}
@@ -130,15 +144,12 @@ func bundleFiles(src *Source, bs []Bundle, runnerSum string) Tree {
 }
 
 // installText is INSTALL.txt: the exact commands, per node.
-func installText(src *Source, runnerSum string) []byte {
+func installText(src *Source, runnerSum string, m Mount) []byte {
 	c := src.Cluster
 	var b strings.Builder
 	fmt.Fprintf(&b, "airadm install medium for cluster %s (Kubernetes %s)\n\n", c.Name, c.KubernetesVersion)
-	b.WriteString(`Mount this medium read-only, as root, on each node (MEDIUM below):
-  CD/ISO:    mount -o ro /dev/sr0 /mnt             # MEDIUM=/mnt
-  USB stick: mount -o ro,umask=077 LABEL=<label> /mnt   # FAT has no modes
-
-Check every file, then the node's bundle, then bring the node up:
+	fmt.Fprintf(&b, "On each node, as root, mount this medium read-only:\n  %s\n\n", m.command())
+	b.WriteString(`Check every file, then the node's bundle, then bring the node up:
   cd /mnt/bundles && sha256sum -c SHA256SUMS && cd /
   /mnt/airadm verify /mnt/bundles/NODE.bundle
   /mnt/airadm apply /mnt/bundles/NODE.bundle

@@ -31,14 +31,14 @@ func media(t *testing.T) []medium {
 	}
 	return []medium{
 		{name: "iso", modes: true, extract: xorriso, write: func(t *testing.T, src *Source, out string, epoch time.Time) error {
-			tr, err := ClusterTree(src, runner(t))
+			tr, err := ClusterTree(src, runner(t), Mount{Label: "AIRADM"})
 			if err != nil {
 				return err
 			}
 			return WriteISO(out, tr, ISOOptions{Label: "AIRADM", Epoch: epoch})
 		}},
 		{name: "usb", extract: mcopy("@@1M"), write: func(t *testing.T, src *Source, out string, epoch time.Time) error {
-			tr, err := ClusterTree(src, runner(t))
+			tr, err := ClusterTree(src, runner(t), Mount{Label: "AIRADM_USB", FAT: true})
 			if err != nil {
 				return err
 			}
@@ -113,7 +113,7 @@ func TestISORecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	img := filepath.Join(t.TempDir(), "c.iso")
-	tr, err := ClusterTree(src, runner(t))
+	tr, err := ClusterTree(src, runner(t), Mount{Label: "DC1_MEDIA"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +206,7 @@ func TestWriteLeavesNothingOnFailure(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr, err := ClusterTree(src, runner(t))
+	tr, err := ClusterTree(src, runner(t), Mount{Label: "AIRADM"})
 	if err != nil {
 		t.Fatal(err)
 	}
