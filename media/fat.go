@@ -74,7 +74,7 @@ func WriteFAT(path string, t Tree, o FATOptions) error {
 		epoch = min // FAT cannot record earlier dates
 	}
 	fsSize := fatSize(t)
-	return atomicfile.WriteFrom(path, 0o644, func(w io.Writer) error {
+	return atomicfile.WriteFrom(path, 0o600, func(w io.Writer) error {
 		f, ok := w.(*os.File)
 		if !ok {
 			return errors.New("the image needs a file it can write at offsets")

@@ -37,7 +37,7 @@ type ISOOptions struct {
 
 // WriteISO writes t as an ISO 9660 image at path, with Rock Ridge (modes,
 // long names) and Joliet (long names for Windows), atomically: a failure
-// leaves nothing at path.
+// leaves nothing at path. The image is 0600, as the bundles it carries.
 //
 // go-diskfs builds the image from a workspace directory. The bundles and
 // the runner are hard-linked into it where the filesystem allows (they are
@@ -58,7 +58,7 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 	if err := fillWorkspace(ws, t); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
-	return atomicfile.WriteFrom(path, 0o644, func(w io.Writer) error {
+	return atomicfile.WriteFrom(path, 0o600, func(w io.Writer) error {
 		f, ok := w.(*os.File)
 		if !ok {
 			return errors.New("the image needs a file it can write at offsets")

@@ -71,6 +71,10 @@ func TestReadBack(t *testing.T) {
 			if err := m.write(t, src, img, src.Epoch()); err != nil {
 				t.Fatal(err)
 			}
+			// The image carries bundles, a control plane's with its keys.
+			if fi, err := os.Stat(img); err != nil || fi.Mode().Perm() != 0o600 {
+				t.Errorf("image mode %v, %v; want 0600", fi.Mode(), err)
+			}
 			x := filepath.Join(dir, "x")
 			m.extract(t, img, x)
 			want := []string{"airadm", "INSTALL.txt", "bundles/SHA256SUMS", "bundles/w1.bundle"}
