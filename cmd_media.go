@@ -27,7 +27,7 @@ type mediaFlags struct {
 }
 
 // open loads the config, verifies the bundles of nodes and picks the runner.
-func (f mediaFlags) open(nodes []string, maxSize int64, why string) (*media.Source, string, error) {
+func (f mediaFlags) open(nodes []string, limit media.SizeLimit) (*media.Source, string, error) {
 	c, err := f.load()
 	if err != nil {
 		return nil, "", err
@@ -40,7 +40,7 @@ func (f mediaFlags) open(nodes []string, maxSize int64, why string) (*media.Sour
 	if err != nil {
 		return nil, "", mediaError(err)
 	}
-	src, err := media.Open(f.From, c, nodes, maxSize, why)
+	src, err := media.Open(f.From, c, nodes, limit)
 	if err != nil {
 		return nil, "", mediaError(err)
 	}
@@ -86,7 +86,7 @@ type MediaISOCmd struct {
 func (cmd *MediaISOCmd) Validate() error { return media.CheckISOLabel(cmd.Label) }
 
 func (cmd *MediaISOCmd) Run(env *Env) error {
-	src, runner, err := cmd.open(cmd.Nodes, 0, "")
+	src, runner, err := cmd.open(cmd.Nodes, media.SizeLimit{})
 	if err != nil {
 		return err
 	}
@@ -115,7 +115,7 @@ type MediaUSBCmd struct {
 func (cmd *MediaUSBCmd) Validate() error { return media.CheckFATLabel(cmd.Label) }
 
 func (cmd *MediaUSBCmd) Run(env *Env) error {
-	src, runner, err := cmd.open(cmd.Nodes, media.FATMaxFile, "FAT32")
+	src, runner, err := cmd.open(cmd.Nodes, media.FAT32())
 	if err != nil {
 		return err
 	}
@@ -142,11 +142,11 @@ type MediaCidataCmd struct {
 }
 
 func (cmd *MediaCidataCmd) Run(env *Env) error {
-	maxSize, why := int64(0), ""
+	var limit media.SizeLimit
 	if cmd.Format == "fat" {
-		maxSize, why = media.FATMaxFile, "FAT32"
+		limit = media.FAT32()
 	}
-	src, runner, err := cmd.open([]string{cmd.Node}, maxSize, why)
+	src, runner, err := cmd.open([]string{cmd.Node}, limit)
 	if err != nil {
 		return err
 	}

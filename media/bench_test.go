@@ -113,7 +113,7 @@ func BenchmarkISO(b *testing.B) {
 			cp.Close()
 		}
 		t1 := time.Now()
-		src, err := Open(out, c, nil, 0, "")
+		src, err := Open(out, c, nil, SizeLimit{})
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -61,13 +61,23 @@ type Source struct {
 	Bundles []Bundle
 }
 
+// SizeLimit is the largest file a filesystem holds; the zero value is no
+// limit.
+type SizeLimit struct {
+	Bytes      int64
+	Filesystem string
+}
+
+// FAT32 is FAT32's limit: 4 GiB less one byte.
+func FAT32() SizeLimit { return SizeLimit{FATMaxFile, "FAT32"} }
+
 // Open verifies the bundles of nodes (all of the cluster's when empty) in
 // dir against dir/SHA256SUMS: each file's sha256 must match its line, and
 // each bundle must pass the reader's checks of every entry and be the
-// named node's bundle of this cluster. Sizes are checked against maxSize
-// (0 for no limit) before any bundle is read, so a file too large for the
-// chosen filesystem is refused at once.
-func Open(dir string, c *render.Cluster, nodes []string, maxSize int64, why string) (*Source, error) {
+// named node's bundle of this cluster. Sizes are checked against limit
+// before any bundle is read, so a file too large for the chosen filesystem
+// is refused at once.
+func Open(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Source, error) {
 	var chosen []render.Node
 	if len(nodes) == 0 {
 		chosen = c.Nodes
@@ -101,8 +111,8 @@ func Open(dir string, c *render.Cluster, nodes []string, maxSize int64, why stri
 		if err != nil {
 			return nil, inputErrorf("reading bundle of %s: %w: build it first (airadm build -o %s %s)", n.Name, err, dir, n.Name)
 		}
-		if maxSize > 0 && fi.Size() > maxSize {
-			return nil, inputErrorf("%s is %s, larger than %s allows (%s): %s", b.Path, humanSize(fi.Size()), why, humanSize(maxSize), tooLargeHint)
+		if limit.Bytes > 0 && fi.Size() > limit.Bytes {
+			return nil, inputErrorf("%s is %s, larger than %s allows (%s): %s", b.Path, humanSize(fi.Size()), limit.Filesystem, humanSize(limit.Bytes), tooLargeHint)
 		}
 		s, ok := sums[b.Name]
 		if !ok || s.File == "" {

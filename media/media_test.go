@@ -175,7 +175,7 @@ func TestOpenRefuses(t *testing.T) {
 			if tt.damage != nil {
 				tt.damage(dir)
 			}
-			_, err := Open(dir, c, tt.nodes, tt.maxSize, "FAT32")
+			_, err := Open(dir, c, tt.nodes, SizeLimit{tt.maxSize, "FAT32"})
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("Open = %v, want an error containing %q", err, tt.want)
 			}

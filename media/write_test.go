@@ -59,7 +59,7 @@ func media(t *testing.T) []medium {
 // read-back tree runs in testdata/script/media.txtar, with a real runner.)
 func TestReadBack(t *testing.T) {
 	c, out := quickstart(t)
-	src, err := Open(out, c, nil, FATMaxFile, "FAT32")
+	src, err := Open(out, c, nil, FAT32())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +112,7 @@ func TestReadBack(t *testing.T) {
 func TestISORecords(t *testing.T) {
 	xorriso := need(t, "xorriso", "xorriso")
 	c, out := quickstart(t)
-	src, err := Open(out, c, []string{"w1"}, 0, "")
+	src, err := Open(out, c, []string{"w1"}, SizeLimit{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +178,7 @@ func TestDeterministic(t *testing.T) {
 					at := time.Unix(int64(1e9+i*3600), 0)
 					os.Chtimes(filepath.Join(out, b+".bundle"), at, at)
 				}
-				src, err := Open(out, c, nil, 0, "")
+				src, err := Open(out, c, nil, SizeLimit{})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -206,7 +206,7 @@ func TestDeterministic(t *testing.T) {
 // temporary file beside it.
 func TestWriteLeavesNothingOnFailure(t *testing.T) {
 	c, out := quickstart(t)
-	src, err := Open(out, c, []string{"w1"}, 0, "")
+	src, err := Open(out, c, []string{"w1"}, SizeLimit{})
 	if err != nil {
 		t.Fatal(err)
 	}
