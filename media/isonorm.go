@@ -73,7 +73,7 @@ func normaliseISO(f io.ReaderAt, epoch time.Time) error {
 const isoSector = 2048
 
 // isoNoTime is an unset 17-byte date.
-var isoNoTime = append([]byte("0000000000000000"), 0)
+const isoNoTime = "0000000000000000\x00"
 
 type isoNorm struct {
 	r           io.ReaderAt

@@ -199,15 +199,25 @@ func (s *Source) Bundle(node string) (Bundle, bool) {
 	return Bundle{}, false
 }
 
-// elfMachines maps GOARCH to the ELF machine its binaries declare.
-var elfMachines = map[string]elf.Machine{
-	"amd64":   elf.EM_X86_64,
-	"arm64":   elf.EM_AARCH64,
-	"arm":     elf.EM_ARM,
-	"386":     elf.EM_386,
-	"ppc64le": elf.EM_PPC64,
-	"s390x":   elf.EM_S390,
-	"riscv64": elf.EM_RISCV,
+// elfMachine is the ELF machine that binaries for GOARCH arch declare.
+func elfMachine(arch string) (elf.Machine, bool) {
+	switch arch {
+	case "amd64":
+		return elf.EM_X86_64, true
+	case "arm64":
+		return elf.EM_AARCH64, true
+	case "arm":
+		return elf.EM_ARM, true
+	case "386":
+		return elf.EM_386, true
+	case "ppc64le":
+		return elf.EM_PPC64, true
+	case "s390x":
+		return elf.EM_S390, true
+	case "riscv64":
+		return elf.EM_RISCV, true
+	}
+	return 0, false
 }
 
 // Runner chooses the airadm binary the media carry for nodes of platform
@@ -227,7 +237,7 @@ func Runner(platform, flag, self, goos, goarch string) (string, error) {
 		}
 		return "", inputErrorf("choosing the runner: the nodes are %s and this airadm is %s/%s: pass --runner with an airadm built for them (GOOS=linux GOARCH=%s go build)", platform, goos, goarch, arch)
 	}
-	want, ok := elfMachines[arch]
+	want, ok := elfMachine(arch)
 	if !ok {
 		return "", inputErrorf("choosing the runner: no known ELF machine for architecture %q", arch)
 	}
