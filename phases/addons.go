@@ -8,10 +8,14 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+
+	"golang.org/x/sync/errgroup"
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
@@ -103,11 +107,15 @@ func runAddons(ctx context.Context, r *Run) error {
 		}
 		return nil
 	}
+	if err := r.waitAPI(ctx); err != nil {
+		return err
+	}
 	b := files[superAdmin]
 	cfg, err := clientcmd.RESTConfigFromKubeConfig(b)
 	if err != nil {
 		return fmt.Errorf("loading %s: %w", superAdmin, err)
 	}
+	apiRateLimits(cfg)
 	dyn, err := dynamic.NewForConfig(cfg)
 	if err != nil {
 		return err
@@ -117,13 +125,24 @@ func runAddons(ctx context.Context, r *Run) error {
 		return err
 	}
 	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(cs.Discovery()))
-	for _, o := range objs {
-		err := retry(ctx, "applying "+o.GetKind()+" "+qualified(o.Unstructured), func(ctx context.Context) error {
+	var mapMu sync.Mutex // the deferred mapper's Reset is not safe beside lookups
+	apply := func(ctx context.Context, o addonObject) error {
+		return retry(ctx, "applying "+o.GetKind()+" "+qualified(o.Unstructured), func(ctx context.Context) error {
 			gvk := o.GroupVersionKind()
-			mapping, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
-			if err != nil {
-				mapper.Reset() // a CRD applied just before may be new to discovery
-				return err
+			mapping, ok := builtinMapping(gvk)
+			if !ok {
+				// Only the config's extra manifests bring other kinds;
+				// discovery is asked for them alone.
+				mapMu.Lock()
+				m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+				if err != nil {
+					mapper.Reset() // a CRD applied just before may be new to discovery
+				}
+				mapMu.Unlock()
+				if err != nil {
+					return err
+				}
+				mapping = m
 			}
 			data, err := o.MarshalJSON()
 			if err != nil {
@@ -140,12 +159,66 @@ func runAddons(ctx context.Context, r *Run) error {
 			_, err = ri.Patch(ctx, o.GetName(), types.ApplyPatchType, data, metav1.PatchOptions{FieldManager: o.manager, Force: ptr.To(true)})
 			return err
 		})
-		if err != nil {
+	}
+	// kubeadm's own objects depend on none of each other (a server-side
+	// apply needs no referenced object to exist), so they go at once; the
+	// extra manifests follow one by one in the config's order, so that a
+	// CRD comes before its resources and a user's override comes last.
+	var own, extra []addonObject
+	for _, o := range objs {
+		if o.manager == fieldManager {
+			own = append(own, o)
+		} else {
+			extra = append(extra, o)
+		}
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for _, o := range own {
+		g.Go(func() error { return apply(gctx, o) })
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	for _, o := range extra {
+		if err := apply(ctx, o); err != nil {
 			return err
 		}
 	}
 	r.logf("  applied %d objects", len(objs))
 	return nil
+}
+
+// builtinMapping maps the kinds of kubeadm's addons without asking
+// discovery, which costs round trips on an apiserver that has just started.
+func builtinMapping(gvk schema.GroupVersionKind) (*meta.RESTMapping, bool) {
+	type res struct {
+		resource   string
+		namespaced bool
+	}
+	known := map[schema.GroupVersionKind]res{
+		{Version: "v1", Kind: "ConfigMap"}:                                              {"configmaps", true},
+		{Version: "v1", Kind: "ServiceAccount"}:                                         {"serviceaccounts", true},
+		{Version: "v1", Kind: "Service"}:                                                {"services", true},
+		{Version: "v1", Kind: "Secret"}:                                                 {"secrets", true},
+		{Version: "v1", Kind: "Namespace"}:                                              {"namespaces", false},
+		{Group: "apps", Version: "v1", Kind: "Deployment"}:                              {"deployments", true},
+		{Group: "apps", Version: "v1", Kind: "DaemonSet"}:                               {"daemonsets", true},
+		{Group: "policy", Version: "v1", Kind: "PodDisruptionBudget"}:                   {"poddisruptionbudgets", true},
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "ClusterRole"}:        {"clusterroles", false},
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "ClusterRoleBinding"}: {"clusterrolebindings", false},
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "Role"}:               {"roles", true},
+		{Group: "rbac.authorization.k8s.io", Version: "v1", Kind: "RoleBinding"}:        {"rolebindings", true},
+	}
+	k, ok := known[gvk]
+	if !ok {
+		return nil, false
+	}
+	scope := meta.RESTScopeRoot
+	if k.namespaced {
+		scope = meta.RESTScopeNamespace
+	}
+	return &meta.RESTMapping{Resource: gvk.GroupVersion().WithResource(k.resource), GroupVersionKind: gvk, Scope: scope}, true
 }
 
 func qualified(o *unstructured.Unstructured) string {

@@ -7,14 +7,15 @@ package phases
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	bootstrapapi "k8s.io/cluster-bootstrap/token/api"
 	bootstraputil "k8s.io/cluster-bootstrap/token/util"
@@ -86,25 +87,60 @@ func NodeBootstrapRBAC() ([]*rbacv1.ClusterRole, []*rbacv1.ClusterRoleBinding) {
 	return roles, bindings
 }
 
-// apiBackoff retries API calls while a fresh control plane settles; its
-// total span (about two minutes) bounds every step.
-var apiBackoff = wait.Backoff{Duration: 250 * time.Millisecond, Factor: 1.5, Steps: 14, Cap: 15 * time.Second}
+// Retries of API calls while a fresh control plane settles: the first
+// retry comes after 20 ms and the delay doubles up to a second, so a call
+// refused in the first moments after /readyz (a namespace the apiserver is
+// still creating, say) is retried within milliseconds, not after a fixed
+// step; retrySpan bounds every step.
+const (
+	retryFirst = 20 * time.Millisecond
+	retryCap   = time.Second
+	retrySpan  = 2 * time.Minute
+)
 
-// retry runs f with backoff until it succeeds, the context ends or the
-// backoff runs out, and then reports the last error.
+// backoff yields the delays before each retry: 20 ms doubling to a cap.
+type backoff struct{ next, cap time.Duration }
+
+func newBackoff(capped time.Duration) *backoff {
+	return &backoff{next: min(retryFirst, capped), cap: capped}
+}
+
+// wait sleeps for the next delay, or until ctx ends.
+func (b *backoff) wait(ctx context.Context) error {
+	t := time.NewTimer(b.next)
+	defer t.Stop()
+	b.next = min(2*b.next, b.cap)
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// retry runs f with backoff until it succeeds, the context ends or
+// retrySpan has passed, and then reports the last error. A cancelled
+// context is reported as such, with the last error beside it.
 func retry(ctx context.Context, what string, f func(context.Context) error) error {
-	var last error
-	err := wait.ExponentialBackoffWithContext(ctx, apiBackoff, func(ctx context.Context) (bool, error) {
-		last = f(ctx)
-		return last == nil, nil
-	})
-	if err != nil && last != nil {
-		return fmt.Errorf("%s: %w", what, last)
+	parent := ctx
+	ctx, cancel := context.WithTimeout(ctx, retrySpan)
+	defer cancel()
+	b := newBackoff(retryCap)
+	for {
+		last := f(ctx)
+		if last == nil {
+			return nil
+		}
+		if stop := (*stopRetry)(nil); errors.As(last, &stop) {
+			return stop.err
+		}
+		if err := b.wait(ctx); err != nil {
+			if parent.Err() != nil {
+				return fmt.Errorf("%s: %w (last error: %v)", what, context.Cause(parent), last)
+			}
+			return fmt.Errorf("%s: gave up after %v: %w", what, retrySpan, last)
+		}
 	}
-	if err != nil {
-		return fmt.Errorf("%s: %w", what, err)
-	}
-	return nil
 }
 
 // object is what createOrUpdate needs of a typed client.
@@ -146,20 +182,18 @@ func EnsureClusterAdmins(ctx context.Context, cs kubernetes.Interface) error {
 	return createOrUpdate(ctx, cs.RbacV1().ClusterRoleBindings(), ClusterAdminsBinding(), keepVersion)
 }
 
-// EnsureNodeBootstrapRBAC creates NodeBootstrapRBAC.
+// EnsureNodeBootstrapRBAC creates NodeBootstrapRBAC, all at once: a
+// binding may name a role that does not exist yet.
 func EnsureNodeBootstrapRBAC(ctx context.Context, cs kubernetes.Interface) error {
 	roles, bindings := NodeBootstrapRBAC()
+	g, ctx := errgroup.WithContext(ctx)
 	for _, r := range roles {
-		if err := createOrUpdate(ctx, cs.RbacV1().ClusterRoles(), r, keepVersion); err != nil {
-			return err
-		}
+		g.Go(func() error { return createOrUpdate(ctx, cs.RbacV1().ClusterRoles(), r, keepVersion) })
 	}
 	for _, b := range bindings {
-		if err := createOrUpdate(ctx, cs.RbacV1().ClusterRoleBindings(), b, keepVersion); err != nil {
-			return err
-		}
+		g.Go(func() error { return createOrUpdate(ctx, cs.RbacV1().ClusterRoleBindings(), b, keepVersion) })
 	}
-	return nil
+	return g.Wait()
 }
 
 // EnsureBootstrapToken stores a worker's token Secret, expiring ttl after

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -22,24 +23,35 @@ import (
 
 const superAdmin = render.KubernetesDir + "/super-admin.conf"
 
-// poll calls f every interval until it returns true or the run's timeout.
-func (r *Run) poll(ctx context.Context, interval time.Duration, f func(context.Context) (bool, error)) error {
+// poll calls f until it returns true, with backoff from 20 ms doubling
+// up to maxInterval, for at most the run's timeout. It tells a cancelled
+// run (a signal) from a wait that ran out of time.
+func (r *Run) poll(ctx context.Context, maxInterval time.Duration, f func(context.Context) (bool, error)) error {
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, r.Timeout)
 	defer cancel()
+	b := newBackoff(maxInterval)
 	var last error
 	for {
 		done, err := f(ctx)
 		if done {
 			return nil
 		}
-		last = err
-		select {
-		case <-ctx.Done():
-			if last != nil {
-				return fmt.Errorf("gave up after %v: %w", r.Timeout, last)
-			}
+		if err != nil {
+			last = err
+		}
+		if b.wait(ctx) == nil {
+			continue
+		}
+		switch {
+		case parent.Err() != nil && last != nil:
+			return fmt.Errorf("%w (last error: %v)", context.Cause(parent), last)
+		case parent.Err() != nil:
+			return context.Cause(parent)
+		case last != nil:
+			return fmt.Errorf("gave up after %v: %w", r.Timeout, last)
+		default:
 			return fmt.Errorf("gave up after %v", r.Timeout)
-		case <-time.After(interval):
 		}
 	}
 }
@@ -54,7 +66,8 @@ func runWaitControlPlane(ctx context.Context, r *Run) error {
 		return err
 	}
 	start := time.Now()
-	err = r.poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
+	// Short steps: the API steps start the moment /readyz answers.
+	err = r.poll(ctx, 50*time.Millisecond, func(ctx context.Context) (bool, error) {
 		body, err := cs.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
 		return err == nil && string(body) == "ok", err
 	})
@@ -62,6 +75,7 @@ func runWaitControlPlane(ctx context.Context, r *Run) error {
 		return fmt.Errorf("the apiserver is not ready: %w; %s", err, staticPodHealth(ctx))
 	}
 	r.logf("  apiserver ready after %v", time.Since(start).Round(10*time.Millisecond))
+	r.apiIsReady()
 	return EnsureClusterAdmins(ctx, cs)
 }
 
@@ -109,18 +123,21 @@ func runUploadConfig(ctx context.Context, r *Run) error {
 		r.logf("  would store ConfigMaps kube-system/kubeadm-config and kube-system/kubelet-config with their RBAC")
 		return nil
 	}
+	if err := r.waitAPI(ctx); err != nil {
+		return err
+	}
 	cs, err := r.Client(superAdmin)
 	if err != nil {
 		return err
 	}
+	// Six objects that name but do not need each other: all at once.
+	g, gctx := errgroup.WithContext(ctx)
 	cms := cs.CoreV1().ConfigMaps(metav1.NamespaceSystem)
 	for _, cm := range []*corev1.ConfigMap{
 		{ObjectMeta: metav1.ObjectMeta{Name: "kubeadm-config", Namespace: metav1.NamespaceSystem}, Data: map[string]string{"ClusterConfiguration": string(clusterCfg)}},
 		render.SignComponentConfig(&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "kubelet-config", Namespace: metav1.NamespaceSystem}, Data: map[string]string{"kubelet": string(kubeletCfg)}}),
 	} {
-		if err := createOrUpdate(ctx, cms, cm, keepVersion); err != nil {
-			return err
-		}
+		g.Go(func() error { return createOrUpdate(gctx, cms, cm, keepVersion) })
 	}
 	// kubeadm lets nodes and token holders read both, so that `kubeadm
 	// join` and `kubeadm upgrade node` work on this cluster later.
@@ -135,12 +152,15 @@ func runUploadConfig(ctx context.Context, r *Run) error {
 			RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: name},
 			Subjects:   subjects,
 		}
-		if err := createOrUpdate(ctx, cs.RbacV1().Roles(metav1.NamespaceSystem), role, keepVersion); err != nil {
-			return err
-		}
-		if err := createOrUpdate(ctx, cs.RbacV1().RoleBindings(metav1.NamespaceSystem), binding, keepVersion); err != nil {
-			return err
-		}
+		g.Go(func() error {
+			return createOrUpdate(gctx, cs.RbacV1().Roles(metav1.NamespaceSystem), role, keepVersion)
+		})
+		g.Go(func() error {
+			return createOrUpdate(gctx, cs.RbacV1().RoleBindings(metav1.NamespaceSystem), binding, keepVersion)
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
 	}
 	r.logf("  stored kube-system/kubeadm-config and kube-system/kubelet-config")
 	return nil
@@ -158,12 +178,15 @@ func runMarkControlPlane(ctx context.Context, r *Run) error {
 		r.logf("  would label node %s %s and taint it %s:NoSchedule", node, ControlPlaneLabel, ControlPlaneLabel)
 		return nil
 	}
+	if err := r.waitAPI(ctx); err != nil {
+		return err
+	}
 	cs, err := r.Client(superAdmin)
 	if err != nil {
 		return err
 	}
 	// The Node appears when this host's kubelet registers it.
-	err = r.poll(ctx, 500*time.Millisecond, func(ctx context.Context) (bool, error) {
+	err = r.poll(ctx, 100*time.Millisecond, func(ctx context.Context) (bool, error) {
 		n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
 		if err != nil {
 			return false, err
@@ -212,21 +235,27 @@ func runBootstrapToken(ctx context.Context, r *Run) error {
 		r.logf("  would publish kube-public/cluster-info, node bootstrap RBAC and %d worker tokens valid for %v", len(join.Tokens), ttl)
 		return nil
 	}
+	if err := r.waitAPI(ctx); err != nil {
+		return err
+	}
 	cs, err := r.Client(superAdmin)
 	if err != nil {
 		return err
 	}
-	if err := r.ensureClusterInfo(ctx, files); err != nil {
-		return err
-	}
-	if err := EnsureNodeBootstrapRBAC(ctx, cs); err != nil {
-		return err
-	}
+	// cluster-info, the RBAC and the tokens do not depend on each other.
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return r.ensureClusterInfo(gctx, files) })
+	g.Go(func() error { return EnsureNodeBootstrapRBAC(gctx, cs) })
 	now := r.Now()
 	for _, t := range join.Tokens {
-		if err := EnsureBootstrapToken(ctx, cs, render.Token{ID: t.ID, Secret: t.Secret}, t.Node, now, ttl); err != nil {
-			return err
-		}
+		g.Go(func() error {
+			return EnsureBootstrapToken(gctx, cs, render.Token{ID: t.ID, Secret: t.Secret}, t.Node, now, ttl)
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	for _, t := range join.Tokens {
 		// The token ID is public (it names the Secret); the secret half never appears.
 		r.logf("  token %s for worker %s", t.ID, t.Node)
 	}
@@ -270,9 +299,10 @@ func (r *Run) ensureClusterInfo(ctx context.Context, files map[string][]byte) er
 			}
 		}
 	}
-	if err := createOrUpdate(ctx, cs.CoreV1().ConfigMaps(metav1.NamespacePublic), cm, keepSignatures); err != nil {
-		return err
-	}
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		return createOrUpdate(ctx, cs.CoreV1().ConfigMaps(metav1.NamespacePublic), cm, keepSignatures)
+	})
 	role := &rbacv1.Role{
 		ObjectMeta: metav1.ObjectMeta{Name: "kubeadm:bootstrap-signer-clusterinfo", Namespace: metav1.NamespacePublic},
 		Rules: []rbacv1.PolicyRule{{Verbs: []string{"get"}, APIGroups: []string{""}, Resources: []string{"configmaps"},
@@ -283,8 +313,9 @@ func (r *Run) ensureClusterInfo(ctx context.Context, files map[string][]byte) er
 		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: role.Name},
 		Subjects:   []rbacv1.Subject{{Kind: rbacv1.UserKind, Name: "system:anonymous"}},
 	}
-	if err := createOrUpdate(ctx, cs.RbacV1().Roles(metav1.NamespacePublic), role, keepVersion); err != nil {
-		return err
-	}
-	return createOrUpdate(ctx, cs.RbacV1().RoleBindings(metav1.NamespacePublic), binding, keepVersion)
+	g.Go(func() error { return createOrUpdate(ctx, cs.RbacV1().Roles(metav1.NamespacePublic), role, keepVersion) })
+	g.Go(func() error {
+		return createOrUpdate(ctx, cs.RbacV1().RoleBindings(metav1.NamespacePublic), binding, keepVersion)
+	})
+	return g.Wait()
 }

@@ -99,6 +99,9 @@ type Run struct {
 	journal  *Journal
 	client   kubernetes.Interface
 	plan     []Phase
+	// apiReady is closed when the apiserver answers, for the API steps
+	// that run at once (concurrent.go).
+	apiReady apiGate
 	// files holds the bundle's host files (small: keys, configs,
 	// manifests), kept from the verifying pass.
 	files map[string][]byte
@@ -186,14 +189,7 @@ func Apply(ctx context.Context, o Options) error {
 		// Read only: the cluster check needs to know what apply wrote.
 		return err
 	}
-	for _, p := range plan {
-		// A signal (main cancels ctx on SIGINT and SIGTERM) stops the run
-		// between phases, or at the next safe point inside one; the journal
-		// was made durable before any file it lists, so a re-run or a reset
-		// picks up from here.
-		if ctx.Err() != nil {
-			return fmt.Errorf("stopped before phase %s, with the journal consistent; run apply again to finish: %w", p.Name, context.Cause(ctx))
-		}
+	runPhase := func(ctx context.Context, r *Run, p Phase) error {
 		r.logf("[%s] %s", p.Name, p.Short)
 		if err := p.Run(ctx, r); err != nil {
 			if ctx.Err() != nil {
@@ -204,10 +200,36 @@ func Apply(ctx context.Context, o Options) error {
 			}
 			return fmt.Errorf("phase %s: %w", p.Name, err)
 		}
-		if !o.DryRun {
-			if err := r.journal.done(o.Root, m, digest, p.Name); err != nil {
+		return nil
+	}
+	record := func(p Phase) error {
+		if o.DryRun {
+			return nil
+		}
+		return r.journal.done(o.Root, m, digest, p.Name)
+	}
+	for i := 0; i < len(plan); i++ {
+		p := plan[i]
+		// A signal (main cancels ctx on SIGINT and SIGTERM) stops the run
+		// between phases, or at the next safe point inside one; the journal
+		// was made durable before any file it lists, so a re-run or a reset
+		// picks up from here.
+		if ctx.Err() != nil {
+			return fmt.Errorf("stopped before phase %s, with the journal consistent; run apply again to finish: %w", p.Name, context.Cause(ctx))
+		}
+		// The steps that only need the API run at once (concurrent.go).
+		if n := concurrentSteps(plan[i:], o.DryRun); n > 1 {
+			if err := r.runConcurrently(ctx, plan[i:i+n], runPhase, record); err != nil {
 				return err
 			}
+			i += n - 1
+			continue
+		}
+		if err := runPhase(ctx, r, p); err != nil {
+			return err
+		}
+		if err := record(p); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -382,6 +404,7 @@ func (r *Run) Client(kubeconfig string) (kubernetes.Interface, error) {
 		return nil, fmt.Errorf("loading %s: %w", kubeconfig, err)
 	}
 	cfg.Timeout = 15 * time.Second
+	apiRateLimits(cfg)
 	cs, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("loading %s: %w", kubeconfig, err)
