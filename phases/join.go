@@ -30,29 +30,47 @@ func runTLSBootstrap(ctx context.Context, r *Run) error {
 		return nil
 	}
 	boot := r.path(render.BootstrapKubeconfig)
-	if _, err := os.Stat(boot); err == nil {
-		// Fail fast on a token the cluster will not accept, instead of
-		// waiting out the timeout while kubelet retries.
-		if err := checkToken(ctx, boot); err != nil {
-			return err
-		}
-	}
+	kubeconfig := r.path(render.KubeletKubeconfig)
 	start := time.Now()
-	err := r.poll(ctx, 500*time.Millisecond, func(ctx context.Context) (bool, error) {
-		if _, err := os.Stat(r.path(KubeletClientCert)); err != nil {
-			return false, fmt.Errorf("no client certificate yet at %s", KubeletClientCert)
+	if !kubeconfigValid(r.Root, kubeconfig) {
+		// The kubelet phase did not issue the credential (it was skipped,
+		// or ran an older airadm): the kubelet does its own TLS bootstrap.
+		if _, err := os.Stat(boot); err == nil {
+			// Fail fast on a token the cluster will not accept, instead of
+			// waiting out the timeout while kubelet retries.
+			if err := checkToken(ctx, boot); err != nil {
+				return err
+			}
 		}
-		cs, err := kubeletClient(r.path(render.KubeletKubeconfig))
+		err := r.poll(ctx, 200*time.Millisecond, func(ctx context.Context) (bool, error) {
+			if !kubeconfigValid(r.Root, kubeconfig) {
+				return false, fmt.Errorf("no client certificate yet at %s", KubeletClientCert)
+			}
+			return true, nil
+		})
 		if err != nil {
-			return false, err
+			return fmt.Errorf("joining as %s: %w", node, err)
 		}
-		_, err = cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
-		return err == nil, err
-	})
-	if err != nil {
-		return fmt.Errorf("joining as %s: %w", node, err)
 	}
-	r.logf("  node %s joined after %v", node, time.Since(start).Round(10*time.Millisecond))
+	cfg, err := kubeletRESTConfig(r.Root, kubeconfig)
+	if err != nil {
+		return err
+	}
+	cfg.Timeout = 10 * time.Second
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	// The kubelet registers its Node; watch for it with its credential.
+	wctx, cancel := context.WithTimeout(ctx, r.Timeout)
+	defer cancel()
+	if err := waitNodeRegistered(wctx, cs, node); err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("joining as %s: waiting for its Node: %w", node, context.Cause(ctx))
+		}
+		return fmt.Errorf("joining as %s: no Node registered after %v: %w", node, r.Timeout, err)
+	}
+	r.logf("  node %s registered after %v", node, time.Since(start).Round(time.Millisecond))
 	if err := os.Remove(boot); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("removing %s: %w", render.BootstrapKubeconfig, err)
 	}
@@ -82,7 +100,7 @@ func checkToken(ctx context.Context, bootstrapKubeconfig string) error {
 			return nil
 		}
 		if apierrors.IsUnauthorized(err) {
-			return fmt.Errorf("the control plane rejects this node's bootstrap token: it has expired (join.token_ttl counts from the control plane's bootstrap-token phase) or was never published; renew it with `airadm apply phase bootstrap-token <control-plane>.bundle` on a control plane, then run this again")
+			return errTokenRejected
 		}
 		last = err
 		select {

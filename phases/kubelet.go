@@ -2,6 +2,7 @@ package phases
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -47,10 +48,16 @@ func (r *Run) kubeletMode() string {
 func runKubelet(ctx context.Context, r *Run) error {
 	mode := r.kubeletMode()
 	if r.DryRun {
+		if r.worker() {
+			r.logf("  would request the kubelet's client certificate with the bootstrap token and write %s", render.KubeletKubeconfig)
+		}
 		r.logf("  would start kubelet (%s)", mode)
 		return nil
 	}
 	if mode == KubeletSystemd {
+		if err := r.bootstrapKubelet(ctx); err != nil {
+			return err
+		}
 		for _, args := range [][]string{{"daemon-reload"}, {"enable", "kubelet"}, {"restart", "kubelet"}} {
 			if out, err := exec.CommandContext(ctx, "systemctl", args...).CombinedOutput(); err != nil {
 				return fmt.Errorf("systemctl %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
@@ -62,6 +69,9 @@ func runKubelet(ctx context.Context, r *Run) error {
 	if pid, ok := r.runningKubelet(); ok {
 		r.logf("  kubelet already running (pid %d)", pid)
 		return nil
+	}
+	if err := r.bootstrapKubelet(ctx); err != nil {
+		return err
 	}
 	files, err := r.readFiles()
 	if err != nil {
@@ -103,6 +113,7 @@ func runKubelet(ctx context.Context, r *Run) error {
 	healthz := fmt.Sprintf("http://127.0.0.1:%d/healthz", kubeletHealthzPort(files))
 	client := &http.Client{Timeout: time.Second}
 	deadline := time.Now().Add(30 * time.Second)
+	b := newBackoff(100 * time.Millisecond)
 	for {
 		select {
 		case err := <-exited:
@@ -112,7 +123,8 @@ func runKubelet(ctx context.Context, r *Run) error {
 			// kubelet runs on, recorded in its PID file: a re-run finds
 			// it, and reset stops it.
 			return fmt.Errorf("waiting for kubelet (pid %d) to be healthy: %w", pid, ctx.Err())
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(b.next):
+			b.next = min(2*b.next, b.cap)
 		}
 		if resp, err := client.Get(healthz); err == nil {
 			resp.Body.Close()
@@ -126,6 +138,30 @@ func runKubelet(ctx context.Context, r *Run) error {
 			return nil
 		}
 	}
+}
+
+func (r *Run) worker() bool { return render.Role(r.Manifest.Role) == render.Worker }
+
+// bootstrapKubelet gives a worker's kubelet its client certificate before
+// it starts (bootstrap.go), so it has no TLS bootstrap of its own to wait
+// out.
+func (r *Run) bootstrapKubelet(ctx context.Context) error {
+	if !r.worker() {
+		return nil
+	}
+	start := time.Now()
+	issued, err := BootstrapKubelet(ctx, r.Root, r.Manifest.Node, r.Timeout)
+	if errors.Is(err, ErrControlPlaneUnreachable) {
+		r.logf("  %v; the kubelet will do its TLS bootstrap itself once it is", err)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if issued {
+		r.logf("  client certificate for system:node:%s issued through the CSR API in %v; wrote %s", r.Manifest.Node, time.Since(start).Round(time.Millisecond), render.KubeletKubeconfig)
+	}
+	return nil
 }
 
 // kubeletConfig decodes the kubelet config the bundle carries (or a host

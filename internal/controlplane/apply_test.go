@@ -3,18 +3,26 @@ package controlplane_test
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	certificatesv1 "k8s.io/api/certificates/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/util/certificate"
 	bootstrapapi "k8s.io/cluster-bootstrap/token/api"
 
 	"airadm.dev/airadm/hostfs"
@@ -82,6 +90,10 @@ address = "127.0.1.21"
 name = "w2"
 role = "worker"
 address = "127.0.1.22"
+[[nodes]]
+name = "w3"
+role = "worker"
+address = "127.0.1.23"
 `)
 	ctx := context.Background()
 	p := controlplane.New(t, c)
@@ -167,16 +179,32 @@ address = "127.0.1.11"
 		t.Fatalf("second run of the API phases: %v", err)
 	}
 	j, err := phases.LoadJournal(root)
-	if err != nil || j.ManifestDigest != cpDigest || len(j.Phases) != 7 {
-		// preflight, files and the five API phases
+	// preflight, files and the five API phases (which run at once, so in
+	// any order), each recorded once.
+	if err != nil || j.ManifestDigest != cpDigest {
 		t.Errorf("journal = %+v, %v", j, err)
+	} else {
+		for _, p := range []string{"preflight", "files", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"} {
+			if n := slices.Index(j.Phases, p); n < 0 || slices.Index(j.Phases[n+1:], p) >= 0 {
+				t.Errorf("journal phases %v: %s not recorded exactly once", j.Phases, p)
+			}
+		}
 	}
 
 	node, err := super.CoreV1().Nodes().Get(ctx, "cp1", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, ok := node.Labels[phases.ControlPlaneLabel]; !ok || len(node.Spec.Taints) != 1 || node.Spec.Taints[0].Effect != corev1.TaintEffectNoSchedule {
+	// Exactly one control-plane taint (however often the phase ran), and
+	// whatever the controller-manager adds beside it kept (this Node has no
+	// kubelet, so the node lifecycle controller may taint it not-ready).
+	cpTaints := 0
+	for _, tn := range node.Spec.Taints {
+		if tn.Key == phases.ControlPlaneLabel && tn.Effect == corev1.TaintEffectNoSchedule {
+			cpTaints++
+		}
+	}
+	if _, ok := node.Labels[phases.ControlPlaneLabel]; !ok || cpTaints != 1 {
 		t.Errorf("cp1 labels %v taints %v", node.Labels, node.Spec.Taints)
 	}
 	cm, err := super.CoreV1().ConfigMaps("kube-system").Get(ctx, "kubeadm-config", metav1.GetOptions{})
@@ -242,6 +270,96 @@ address = "127.0.1.11"
 		}
 	})
 
+	t.Run("airadm issues the kubelet's credential before kubelet starts", func(t *testing.T) {
+		wBundle, wDigest := writeBundle(t, c, "w3")
+		wo := applyOpts(p, "w3", wBundle, wDigest, &log)
+		wo.SkipPhases = []string{"images", "kubelet", "tls-bootstrap"}
+		if err := phases.Apply(ctx, wo); err != nil {
+			t.Fatalf("%v\n%s", err, log.String())
+		}
+		root := p.NodeRoot("w3")
+		issued, err := phases.BootstrapKubelet(ctx, root, "w3", 90*time.Second)
+		if err != nil || !issued {
+			t.Fatalf("BootstrapKubelet: issued %v, %v", issued, err)
+		}
+		pki := hostfs.Path(root, phases.KubeletPKIDir)
+		// Laid out as kubelet lays it out: a dated pair behind the
+		// kubelet-client-current.pem symlink, and kubelet.conf naming the
+		// symlink (by its host path) for certificate and key.
+		target, err := os.Readlink(filepath.Join(pki, "kubelet-client-current.pem"))
+		if err != nil || !strings.HasPrefix(filepath.Base(target), "kubelet-client-2") {
+			t.Fatalf("kubelet-client-current.pem -> %q, %v", target, err)
+		}
+		if info, err := os.Stat(hostfs.Path(root, render.KubeletKubeconfig)); err != nil || info.Mode().Perm() != 0o600 {
+			t.Fatalf("kubelet.conf: %v %v", info, err)
+		}
+		kc, err := clientcmd.LoadFromFile(hostfs.Path(root, render.KubeletKubeconfig))
+		if err != nil {
+			t.Fatal(err)
+		}
+		auth := kc.AuthInfos["default-auth"]
+		if kc.CurrentContext != "default-context" || auth == nil || auth.ClientCertificate != "/var/lib/kubelet/pki/kubelet-client-current.pem" || auth.ClientKey != auth.ClientCertificate {
+			t.Fatalf("kubelet.conf is not as kubelet writes it: %+v", kc)
+		}
+		store, err := certificate.NewFileStore("kubelet-client", pki, pki, "", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		pair, err := store.Current()
+		if err != nil {
+			t.Fatalf("the kubelet's certificate store cannot load the pair: %v", err)
+		}
+		if cn, o := pair.Leaf.Subject.CommonName, pair.Leaf.Subject.Organization; cn != "system:node:w3" || len(o) != 1 || o[0] != "system:nodes" {
+			t.Errorf("issued to %s %v", cn, o)
+		}
+		// Again: a valid kubelet.conf means nothing to do.
+		if issued, err := phases.BootstrapKubelet(ctx, root, "w3", 90*time.Second); err != nil || issued {
+			t.Errorf("second BootstrapKubelet: issued %v, %v", issued, err)
+		}
+		// The kubelet registers its Node with that credential, and
+		// tls-bootstrap sees it and drops the token.
+		cs := rootedKubeletClientset(t, root, pair)
+		if _, err := cs.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "w3"}}, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("w3 cannot register itself with the issued certificate: %v", err)
+		}
+		wo.Only, wo.SkipPhases = "tls-bootstrap", nil
+		if err := phases.Apply(ctx, wo); err != nil {
+			t.Fatalf("%v\n%s", err, log.String())
+		}
+		if _, err := os.Stat(hostfs.Path(root, render.BootstrapKubeconfig)); !os.IsNotExist(err) {
+			t.Errorf("bootstrap-kubelet.conf still there after tls-bootstrap: %v", err)
+		}
+		// kubelet's own rotation (client-go's certificate manager, which
+		// kubelet runs with rotateCertificates) renews it from there, with
+		// the node's own credential and the same store.
+		m, err := certificate.NewManager(&certificate.Config{
+			ClientsetFn: func(current *tls.Certificate) (kubernetes.Interface, error) {
+				return rootedKubeletClientset(t, root, current), nil
+			},
+			Template:         &x509.CertificateRequest{Subject: pkix.Name{CommonName: "system:node:w3", Organization: []string{"system:nodes"}}},
+			SignerName:       certificatesv1.KubeAPIServerClientKubeletSignerName,
+			Usages:           []certificatesv1.KeyUsage{certificatesv1.UsageDigitalSignature, certificatesv1.UsageClientAuth},
+			CertificateStore: store,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rotator, ok := m.(interface{ RotateCerts() (bool, error) })
+		if !ok {
+			t.Fatal("client-go's certificate manager has no RotateCerts")
+		}
+		if ok, err := rotator.RotateCerts(); err != nil || !ok {
+			t.Fatalf("rotating the kubelet's client certificate: %v %v", ok, err)
+		}
+		rotated, err := store.Current()
+		if err != nil || rotated.Leaf.SerialNumber.Cmp(pair.Leaf.SerialNumber) == 0 {
+			t.Fatalf("after rotation: %v (same serial: %v)", err, err == nil)
+		}
+		if _, err := rootedKubeletClientset(t, root, rotated).CoreV1().Nodes().Get(ctx, "w3", metav1.GetOptions{}); err != nil {
+			t.Errorf("the rotated certificate does not work: %v", err)
+		}
+	})
+
 	t.Run("an expired token fails fast", func(t *testing.T) {
 		// Expire w2's token where the cluster keeps it. (Re-applying the
 		// bundle leaves a valid token alone, so it cannot do this.)
@@ -268,7 +386,42 @@ address = "127.0.1.11"
 		if strings.Contains(err.Error(), c.Secrets.Tokens["w2"].Secret) {
 			t.Error("the error shows the token")
 		}
+		// The kubelet phase, which asks for the kubelet's certificate with
+		// the token before starting it, says the same and starts nothing.
+		wo.Only, wo.SkipPhases = "kubelet", nil
+		wo.Kubelet, wo.KubeletBinary = phases.KubeletExec, "/nonexistent/kubelet"
+		err = phases.Apply(ctx, wo)
+		if err == nil || !strings.Contains(err.Error(), "rejects this node's bootstrap token: it has expired") || strings.Contains(err.Error(), c.Secrets.Tokens["w2"].Secret) {
+			t.Fatalf("kubelet phase with an expired token: %v", err)
+		}
 	})
+}
+
+// rootedKubeletClientset is a client with kubelet.conf's cluster and the
+// given pair (kubelet.conf names the pair by its host path, not under root).
+func rootedKubeletClientset(t *testing.T, root string, pair *tls.Certificate) kubernetes.Interface {
+	t.Helper()
+	kc, err := clientcmd.LoadFromFile(hostfs.Path(root, render.KubeletKubeconfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cluster := kc.Clusters[kc.Contexts[kc.CurrentContext].Cluster]
+	var certPEM []byte
+	for _, der := range pair.Certificate {
+		certPEM = append(certPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(pair.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, err := kubernetes.NewForConfig(&rest.Config{Host: cluster.Server, TLSClientConfig: rest.TLSClientConfig{
+		CAData: cluster.CertificateAuthorityData, CertData: certPEM,
+		KeyData: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cs
 }
 
 func kubeletClientset(t *testing.T, p *controlplane.Plane, node string) kubernetes.Interface {
