@@ -209,10 +209,12 @@ address = "10.77.0.22"
 
 	network(t)
 	mountPoints(t)
-	kubeadmTime := kubeadmInit(t, ctx, kubeadm, kubelet, airadm, repo, filepath.Join(work, "out", "cp1.bundle"), c.PauseImage())
+	lookup := buildLookup(t)
+	kubeadmTL := kubeadmInit(t, ctx, kubeadm, kubelet, airadm, lookup, repo, filepath.Join(work, "out", "cp1.bundle"), c.PauseImage())
 	cp := newNode(t, "cp1", "10.77.0.11")
 	w := newNode(t, "w1", "10.77.0.21")
 	for _, n := range []*node{cp, w} {
+		n.checkResolver(ctx, lookup)
 		n.makeCgroupRoot()
 		n.startContainerd(c.PauseImage())
 	}
@@ -228,25 +230,50 @@ address = "10.77.0.22"
 			}
 		}
 	})
-	apply := func(n *node, args ...string) time.Duration {
+	// apply runs airadm apply on n, timing each phase from the moment
+	// its "[phase]" line appears.
+	apply := func(n *node, args ...string) timeline {
 		t.Helper()
-		start := time.Now()
 		args = append([]string{"apply"}, args...)
 		args = append(args, "--node", n.name, "--kubelet", "exec", "--kubelet-binary", kubelet,
 			"--containerd-config", filepath.Join(n.dir, "containerd.toml"), filepath.Join(work, "out", n.name+".bundle"))
-		out, err := n.run(ctx, airadm, args...)
+		var tl timeline
+		tl.start = time.Now()
+		cpu := readCPU()
+		out, err := runStreaming(n.command(ctx, airadm, args...), func(line string, at time.Time) {
+			if name, ok := strings.CutPrefix(line, "["); ok {
+				name, _, _ = strings.Cut(name, "]")
+				tl.phases = append(tl.phases, stamp{what: name, at: at})
+				if name == "kubelet" {
+					tl.kubelet = at
+				}
+			}
+			if strings.HasPrefix(line, "at once: ") {
+				// The phases before end here; those run at once are
+				// printed when each is done, with how long it took.
+				tl.phases = append(tl.phases, stamp{what: "(at once)", at: at, took: "-"})
+			}
+			if took, ok := strings.CutPrefix(line, "  done in "); ok && len(tl.phases) > 0 {
+				tl.phases[len(tl.phases)-1].took = took
+			}
+		})
+		tl.end = time.Now()
+		tl.cpu = cpu
 		if err != nil {
 			logs, _ := os.ReadFile(filepath.Join(n.dir, "var_log_airadm", "kubelet.log"))
 			t.Fatalf("airadm apply on %s: %v\n%s\n--- kubelet log (end):\n%s", n.name, err, out, lastLines(string(logs), 40))
 		}
 		t.Logf("airadm apply on %s:\n%s", n.name, out)
-		return time.Since(start)
+		return tl
 	}
 	// Images first, then the rest timed on its own: kubeadm init is timed
 	// with its images already present, so this is the figure to set
 	// beside it.
-	importTime := apply(cp, "phase", "images")
-	cpTime := apply(cp, "--skip-phases", "images")
+	importTime := apply(cp, "phase", "images").wall()
+	stopReadyz := watchReadyz(ctx, cp.addr)
+	cpTL := apply(cp, "--skip-phases", "images")
+	cpTL.readyz = stopReadyz()
+	cpBusy := busy(cpTL.cpu, readCPU())
 	restCfg, err := clientcmd.BuildConfigFromFlags("", filepath.Join(cp.dir, "etc_kubernetes", "admin.conf"))
 	if err != nil {
 		t.Fatal(err)
@@ -255,7 +282,36 @@ address = "10.77.0.22"
 	if err != nil {
 		t.Fatal(err)
 	}
-	joinTime := apply(w)
+	// The worker likewise: images first, then timed to Node Ready. Both
+	// joins (airadm's and kubeadm's) are timed against a settled
+	// controller-manager: its first CSR approval after start waits for its
+	// informers, which would charge whichever join came first. The
+	// bootstrap signer's signature on cluster-info for each token shows its
+	// controllers are running, and kubeadm join needs it anyway.
+	apply(w, "phase", "images")
+	for _, node := range []string{"w1", "w2"} {
+		tok, err := os.ReadFile(filepath.Join(work, "secrets", "tokens", node+".token"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _, _ := strings.Cut(strings.TrimSpace(string(tok)), ".")
+		waitFor(t, ctx, 2*time.Minute, "cluster-info signed for "+node+"'s token", func() (bool, error) {
+			cm, err := cs.CoreV1().ConfigMaps("kube-public").Get(ctx, "cluster-info", metav1.GetOptions{})
+			if err != nil {
+				return false, err
+			}
+			_, ok := cm.Data["jws-kubeconfig-"+id]
+			return ok, nil
+		})
+	}
+	wReady := watchNodeReady(ctx, cs, w.name)
+	wTL := apply(w, "--skip-phases", "images")
+	var wReadyAt time.Time
+	select {
+	case wReadyAt = <-wReady:
+	case <-time.After(3 * time.Minute):
+		t.Fatalf("node %s not Ready 3 minutes after airadm apply", w.name)
+	}
 
 	ready := func() (int, error) {
 		nodes, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
@@ -282,7 +338,7 @@ address = "10.77.0.22"
 	if err != nil {
 		t.Fatal(err)
 	}
-	kubeadmJoin(t, ctx, kubeadm, kubelet, airadm, filepath.Join(work, "out", "w2.bundle"), strings.TrimSpace(string(tokenBytes)), ca, c.PauseImage())
+	kubeadmJoinReady := kubeadmJoin(t, ctx, cs, kubeadm, kubelet, airadm, lookup, filepath.Join(work, "out", "w2.bundle"), strings.TrimSpace(string(tokenBytes)), ca, c.PauseImage())
 
 	waitFor(t, ctx, 3*time.Minute, "all three nodes Ready", func() (bool, error) {
 		n, err := ready()
@@ -322,9 +378,57 @@ address = "10.77.0.22"
 		}
 	}
 	n, _ := ready()
-	fmt.Printf("e2e: %d/3 nodes Ready (w2 joined by the real kubeadm join), control plane applied in %s (+%s importing images; kubeadm init %s, ratio %.2f), worker joined in %s\n",
-		n, cpTime.Round(100*time.Millisecond), importTime.Round(100*time.Millisecond), kubeadmTime.Round(100*time.Millisecond),
-		float64(cpTime)/float64(kubeadmTime), joinTime.Round(100*time.Millisecond))
+	airadmJoinReady := wReadyAt.Sub(wTL.start)
+	fmt.Printf("e2e: %d/3 nodes Ready (w2 joined by the real kubeadm join); images present on every side (airadm imported cp1's in %s)\n",
+		n, importTime.Round(10*time.Millisecond))
+	fmt.Printf("e2e: %-14s %8s %14s %16s %14s %12s\n", "", "wall", "start->/readyz", "kubelet->/readyz", "after /readyz", "kubelet at")
+	for _, row := range []struct {
+		name string
+		tl   timeline
+	}{{"kubeadm init", kubeadmTL}, {"airadm apply", cpTL}} {
+		fmt.Printf("e2e: %-14s %8s %14s %16s %14s %12s\n", row.name, since(row.tl.start, row.tl.end), since(row.tl.start, row.tl.readyz),
+			since(row.tl.kubelet, row.tl.readyz), since(row.tl.readyz, row.tl.end), since(row.tl.start, row.tl.kubelet))
+	}
+	t.Logf("during airadm apply: %s", cpBusy)
+	fmt.Printf("e2e: control plane wall ratio airadm/kubeadm %s (target <= 0.65); airadm after /readyz %s (target <= 0.2s)\n",
+		ratio(cpTL.wall(), kubeadmTL.wall()), since(cpTL.readyz, cpTL.end))
+	fmt.Printf("e2e: airadm control-plane phases: %s\n", cpTL.phaseDurations())
+	fmt.Printf("e2e: worker start->Node Ready: kubeadm join %s, airadm apply %s (apply returned after %s), ratio %s (target <= 0.6)\n",
+		kubeadmJoinReady.Round(10*time.Millisecond), airadmJoinReady.Round(10*time.Millisecond), wTL.wall().Round(10*time.Millisecond),
+		ratio(airadmJoinReady, kubeadmJoinReady))
+	fmt.Printf("e2e: airadm worker phases: %s\n", wTL.phaseDurations())
+}
+
+// buildLookup builds the resolver probe run inside the nodes.
+func buildLookup(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "lookup")
+	build := exec.Command("go", "build", "-o", bin, "./testdata/lookup")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building lookup: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// checkResolver shows that name resolution inside n cannot stall: its own
+// name resolves from /etc/hosts, and an unknown name is refused at once
+// (ECONNREFUSED from 127.0.0.1:53), not left to time out.
+func (n *node) checkResolver(ctx context.Context, lookup string) {
+	t := n.t
+	t.Helper()
+	out, err := n.run(ctx, lookup, n.name, "no-such-host.invalid")
+	if err != nil {
+		t.Fatalf("resolver probe on %s: %v\n%s", n.name, err, out)
+	}
+	t.Logf("resolver on %s (name, addresses, error, time):\n%s", n.name, out)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], "["+n.addr+"]") {
+		t.Fatalf("node %s does not resolve its own name to %s:\n%s", n.name, n.addr, out)
+	}
+	if !strings.Contains(lines[1], "connection refused") {
+		t.Fatalf("an unknown name on node %s is not refused at once (the resolver could wait out timeouts):\n%s", n.name, out)
+	}
 }
 
 // kubeadmInit times the real `kubeadm init` of the pinned version on a
@@ -333,9 +437,10 @@ address = "10.77.0.22"
 // kubeadm cannot start kubelet without systemd, so the test starts it the
 // way the kubeadm drop-in would, as soon as kubeadm has written its files.
 // The node is torn down before airadm runs, so both see the same load.
-func kubeadmInit(t *testing.T, ctx context.Context, kubeadm, kubelet, airadm, repo, cpBundle, sandbox string) time.Duration {
+func kubeadmInit(t *testing.T, ctx context.Context, kubeadm, kubelet, airadm, lookup, repo, cpBundle, sandbox string) timeline {
 	t.Helper()
 	n := newNode(t, "kcp", "10.77.0.31")
+	n.checkResolver(ctx, lookup)
 	n.makeCgroupRoot()
 	n.startContainerd(sandbox)
 	if out, err := n.run(ctx, airadm, "apply", "phase", "images", "--node", "cp1", cpBundle); err != nil {
@@ -371,57 +476,68 @@ oomScoreAdj: 0
 cgroupRoot: %s
 `, n.addr, n.addr, render.KubernetesVersion, repo, n.cgroupRoot())), 0o600)
 
-	started := n.startKubeletWhenConfigured(ctx, kubelet)
-	start := time.Now()
-	out, err := n.run(ctx, kubeadm, "init", "--config", cfg)
-	d := time.Since(start)
+	var tl timeline
+	stopReadyz := watchReadyz(ctx, n.addr)
+	tl.start = time.Now()
+	cpu := readCPU()
+	out, kerr, err := n.runKubeadm(ctx, kubeadm, kubelet, &tl.kubelet, "init", "--config", cfg)
+	tl.end = time.Now()
+	t.Logf("during kubeadm init: %s", busy(cpu, readCPU()))
+	tl.readyz = stopReadyz()
 	if err != nil {
 		logs, _ := os.ReadFile(filepath.Join(n.dir, "kubelet.log"))
 		t.Fatalf("kubeadm init: %v\n%s\n--- kubelet log (end):\n%s", err, lastLines(out, 30), lastLines(string(logs), 30))
 	}
-	if err := <-started; err != nil {
-		t.Fatalf("starting kubelet for kubeadm: %v", err)
+	if kerr != nil {
+		t.Fatalf("starting kubelet for kubeadm: %v", kerr)
 	}
-	t.Logf("kubeadm init took %v:\n%s", d, lastLines(out, 12))
+	t.Logf("kubeadm init took %v:\n%s", tl.wall(), lastLines(out, 12))
 	n.stop()
-	return d
+	return tl
 }
 
-// startKubeletWhenConfigured starts kubelet the way the kubeadm drop-in
-// would, as soon as kubeadm has written its config and flags: kubeadm
-// cannot start it without systemd.
-func (n *node) startKubeletWhenConfigured(ctx context.Context, kubelet string) <-chan error {
-	started := make(chan error, 1)
-	go func() {
-		flags := filepath.Join(n.dir, "var_lib_kubelet", "kubeadm-flags.env")
-		config := filepath.Join(n.dir, "var_lib_kubelet", "config.yaml")
-		for ctx.Err() == nil {
-			f, err1 := os.ReadFile(flags)
-			_, err2 := os.Stat(config)
-			if err1 == nil && err2 == nil && len(f) > 0 {
-				time.Sleep(50 * time.Millisecond) // kubeadm writes config.yaml in place
-				args := []string{"--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf", "--kubeconfig=/etc/kubernetes/kubelet.conf", "--config=/var/lib/kubelet/config.yaml"}
-				v := strings.TrimPrefix(strings.TrimSpace(string(f)), "KUBELET_KUBEADM_ARGS=")
-				args = append(args, strings.Fields(strings.Trim(v, `"`))...)
-				log, _ := os.Create(filepath.Join(n.dir, "kubelet.log"))
-				cmd := n.command(context.Background(), kubelet, args...)
-				cmd.Stdout, cmd.Stderr = log, log
-				started <- cmd.Start()
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
+// runKubeadm runs kubeadm in n and starts kubelet the moment kubeadm
+// prints "[kubelet-start] Starting the kubelet", which is when kubeadm
+// would have systemd start it (it cannot here, without systemd). It
+// records when kubelet started in *kubeletAt.
+func (n *node) runKubeadm(ctx context.Context, kubeadm, kubelet string, kubeletAt *time.Time, args ...string) (out string, kubeletErr, err error) {
+	kubeletErr = fmt.Errorf("kubeadm never printed %q", "[kubelet-start] Starting the kubelet")
+	out, err = runStreaming(n.command(ctx, kubeadm, args...), func(line string, at time.Time) {
+		if !strings.Contains(line, "[kubelet-start] Starting the kubelet") {
+			return
 		}
-		started <- ctx.Err()
-	}()
-	return started
+		*kubeletAt = time.Now()
+		kubeletErr = n.startKubelet(kubelet)
+	})
+	return out, kubeletErr, err
+}
+
+// startKubelet starts kubelet with the kubeadm drop-in's command line
+// and the flags kubeadm wrote, as systemd would.
+func (n *node) startKubelet(kubelet string) error {
+	f, err := os.ReadFile(filepath.Join(n.dir, "var_lib_kubelet", "kubeadm-flags.env"))
+	if err != nil {
+		return err
+	}
+	args := []string{"--bootstrap-kubeconfig=/etc/kubernetes/bootstrap-kubelet.conf", "--kubeconfig=/etc/kubernetes/kubelet.conf", "--config=/var/lib/kubelet/config.yaml"}
+	v := strings.TrimPrefix(strings.TrimSpace(string(f)), "KUBELET_KUBEADM_ARGS=")
+	args = append(args, strings.Fields(strings.Trim(v, `"`))...)
+	log, err := os.Create(filepath.Join(n.dir, "kubelet.log"))
+	if err != nil {
+		return err
+	}
+	cmd := n.command(context.Background(), kubelet, args...)
+	cmd.Stdout, cmd.Stderr = log, log
+	return cmd.Start()
 }
 
 // kubeadmJoin joins w2 with the real `kubeadm join`, discovering the
 // cluster through the cluster-info and RBAC airadm published, with the
 // token airadm issued: kubeadm's own tooling can grow the cluster.
-func kubeadmJoin(t *testing.T, ctx context.Context, kubeadm, kubelet, airadm, bundle, token string, ca *x509.Certificate, sandbox string) {
+func kubeadmJoin(t *testing.T, ctx context.Context, cs kubernetes.Interface, kubeadm, kubelet, airadm, lookup, bundle, token string, ca *x509.Certificate, sandbox string) time.Duration {
 	t.Helper()
 	n := newNode(t, "w2", "10.77.0.22")
+	n.checkResolver(ctx, lookup)
 	n.makeCgroupRoot()
 	n.startContainerd(sandbox)
 	if out, err := n.run(ctx, airadm, "apply", "phase", "images", "--node", "w2", bundle); err != nil {
@@ -450,16 +566,26 @@ nodeRegistration:
 patches:
   directory: %s
 `, token, sum, n.addr, patches)), 0o600)
-	started := n.startKubeletWhenConfigured(ctx, kubelet)
-	out, err := n.run(ctx, kubeadm, "join", "--config", cfg)
+	readyCh := watchNodeReady(ctx, cs, n.name)
+	var kubeletAt time.Time
+	start := time.Now()
+	out, kerr, err := n.runKubeadm(ctx, kubeadm, kubelet, &kubeletAt, "join", "--config", cfg)
+	returned := time.Since(start)
 	if err != nil {
 		logs, _ := os.ReadFile(filepath.Join(n.dir, "kubelet.log"))
 		t.Fatalf("kubeadm join: %v\n%s\n--- kubelet log (end):\n%s", err, lastLines(out, 30), lastLines(string(logs), 30))
 	}
-	if err := <-started; err != nil {
-		t.Fatalf("starting kubelet for kubeadm join: %v", err)
+	if kerr != nil {
+		t.Fatalf("starting kubelet for kubeadm join: %v", kerr)
 	}
-	t.Logf("kubeadm join:\n%s", lastLines(out, 8))
+	var readyAt time.Time
+	select {
+	case readyAt = <-readyCh:
+	case <-time.After(3 * time.Minute):
+		t.Fatalf("node %s not Ready 3 minutes after kubeadm join", n.name)
+	}
+	t.Logf("kubeadm join returned after %v (kubelet started at %v), Node Ready at %v:\n%s", returned, since(start, kubeletAt), since(start, readyAt), lastLines(out, 8))
+	return readyAt.Sub(start)
 }
 
 func waitFor(t *testing.T, ctx context.Context, d time.Duration, what string, f func() (bool, error)) {

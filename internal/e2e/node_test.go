@@ -102,8 +102,23 @@ func newNode(t *testing.T, name, addr string) *node {
 	run(t, "ip", "-n", n.netns, "link", "set", "lo", "up")
 	run(t, "ip", "-n", n.netns, "route", "add", "default", "via", bridgeIP)
 
+	// Name resolution that answers at once: the node's own name from
+	// /etc/hosts, and a resolver on 127.0.0.1 where nothing listens, so a
+	// lookup fails with ECONNREFUSED in about a millisecond. Without this,
+	// DNS packets routed out through the bridge are dropped (ip_forward is
+	// off on these VMs) and Go's resolver waits out two 5 s timeouts, which
+	// kubeadm's preflight host name lookup did, inflating its time.
+	hosts := filepath.Join(dir, "hosts")
+	resolv := filepath.Join(dir, "resolv.conf")
+	if err := os.WriteFile(hosts, []byte(fmt.Sprintf("127.0.0.1 localhost\n::1 localhost\n%s %s\n", addr, name)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(resolv, []byte("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	var script strings.Builder
 	script.WriteString("set -e\n")
+	fmt.Fprintf(&script, "mount --bind %s /etc/hosts\nmount --bind %s /etc/resolv.conf\n", hosts, resolv)
 	for _, p := range hostPaths {
 		src := filepath.Join(dir, strings.ReplaceAll(strings.TrimPrefix(p, "/"), "/", "_"))
 		if err := os.MkdirAll(src, 0o755); err != nil {
