@@ -3,6 +3,7 @@ package e2e_test
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"os"
 	"os/exec"
@@ -41,6 +42,9 @@ var hostPaths = []string{
 	"/etc/kubernetes", "/var/lib/kubelet", "/var/lib/etcd", "/var/lib/airadm", "/var/lib/containerd",
 	"/run/containerd", "/etc/cni/net.d", "/var/log/pods", "/var/log/containers", "/var/log/airadm",
 	"/etc/systemd/system", "/var/lib/cni", "/run/netns",
+	// What the bundle's runtime brings and the runtime phase writes.
+	"/etc/containerd", "/etc/sysctl.d", "/etc/modules-load.d", "/opt/cni/bin", "/opt/containerd",
+	"/usr/local/bin", "/usr/local/sbin",
 }
 
 func run(t *testing.T, name string, args ...string) string {
@@ -156,6 +160,48 @@ func (n *node) command(ctx context.Context, name string, args ...string) *exec.C
 func (n *node) run(ctx context.Context, name string, args ...string) (string, error) {
 	out, err := n.command(ctx, name, args...).CombinedOutput()
 	return string(out), err
+}
+
+// checkBare fails the test unless the node starts as a bare host: no
+// containerd config, binary or socket, no kubelet and no CNI plugins.
+func (n *node) checkBare() {
+	n.t.Helper()
+	if out, err := n.run(context.Background(), "sh", "-c", `test ! -e /etc/containerd/config.toml && test ! -e /usr/local/bin/containerd &&
+test ! -e /usr/local/bin/kubelet && test ! -e /usr/bin/kubelet && test ! -S /run/containerd/containerd.sock && test -z "$(ls -A /opt/cni/bin)"`); err != nil {
+		n.t.Fatalf("node %s does not start bare: %v %s", n.name, err, out)
+	}
+}
+
+// runtimeHostFiles is [[host.files]] for what a bare host lacks: the
+// pinned containerd with its shim, kubelet and the CNI plugins from the
+// k8sbin cache, and Debian's runc, all as local sources.
+func runtimeHostFiles(t *testing.T) string {
+	t.Helper()
+	var b strings.Builder
+	for _, f := range []struct{ path, bin string }{
+		{"/usr/local/bin/containerd", "containerd"},
+		{"/usr/local/bin/containerd-shim-runc-v2", "containerd-shim-runc-v2"},
+		{"/usr/local/bin/kubelet", "kubelet"},
+		{"/usr/local/sbin/runc", ""},
+		{"/opt/cni/bin/bridge", "bridge"},
+		{"/opt/cni/bin/host-local", "host-local"},
+		{"/opt/cni/bin/loopback", "loopback"},
+		{"/opt/cni/bin/portmap", "portmap"},
+	} {
+		src := "/usr/sbin/runc"
+		if f.bin != "" {
+			var err error
+			if src, err = k8sbin.Path(f.bin); err != nil {
+				t.Fatal(err)
+			}
+		}
+		data, err := os.ReadFile(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(&b, "\n[[host.files]]\npath = %q\nsource = %q\nsha256 = \"%x\"\n", f.path, src, sha256.Sum256(data))
+	}
+	return b.String()
 }
 
 // startContainerd runs the node's own containerd at the default socket
