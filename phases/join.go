@@ -94,7 +94,8 @@ func checkToken(ctx context.Context, bootstrapKubeconfig string) error {
 		return err
 	}
 	var last error
-	for i := 0; i < 5; i++ {
+	b := newBackoff(time.Second)
+	for i := 0; i < 10; i++ { // about 4 s in all
 		_, err := cs.AuthenticationV1().SelfSubjectReviews().Create(ctx, &authnv1.SelfSubjectReview{}, metav1.CreateOptions{})
 		if err == nil {
 			return nil
@@ -103,10 +104,8 @@ func checkToken(ctx context.Context, bootstrapKubeconfig string) error {
 			return errTokenRejected
 		}
 		last = err
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("checking the bootstrap token: %w", ctx.Err())
-		case <-time.After(time.Second):
+		if err := b.wait(ctx); err != nil {
+			return fmt.Errorf("checking the bootstrap token: %w (last error: %v)", context.Cause(ctx), last)
 		}
 	}
 	return fmt.Errorf("checking the bootstrap token: %w", last)
