@@ -397,3 +397,34 @@ func TestRuntimePhaseSystemd(t *testing.T) {
 		t.Errorf("a re-run's output:\n%s", out.String())
 	}
 }
+
+// TestRuntimePhaseDryRun: with a bundle that carries containerd, a dry run
+// says what it would install and start, and writes and starts nothing.
+func TestRuntimePhaseDryRun(t *testing.T) {
+	root := t.TempDir()
+	sources := runtimeSources(t)
+	c := clustertest.New(t, runtimeConfig(t, root, sources, ""))
+	path, digest := runtimeBundle(t, c, sources)
+	var out bytes.Buffer
+	err := phases.Apply(context.Background(), phases.Options{Bundle: path, ManifestDigest: digest, Root: root, Node: "w1",
+		SkipPhases: []string{"images", "kubelet", "tls-bootstrap"}, IgnorePreflight: []string{"ports", "swap", "sandbox-image"},
+		Kubelet: phases.KubeletExec, DryRun: true, Out: &out})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out.String())
+	}
+	for _, want := range []string{
+		// No pause image here: the check reads the config the phase installs.
+		"ignored: sandbox-image: the bundle carries no pause image, and containerd needs " + c.PauseImage() + " (the bundle's containerd config)",
+		"would write /usr/local/bin/containerd",
+		"would write " + render.ContainerdConfigFile,
+		"would write " + render.ContainerdUnitFile,
+		"would start containerd /usr/local/bin/containerd (exec) and wait for it at " + root + "/run/containerd/containerd.sock",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("the dry run's output lacks %q:\n%s", want, out.String())
+		}
+	}
+	if left := leftFiles(t, root); len(left) != 0 {
+		t.Errorf("a dry run wrote %q", left)
+	}
+}
