@@ -50,27 +50,18 @@ func runRuntime(ctx context.Context, r *Run) error {
 	if failed > 0 {
 		return fmt.Errorf("%d kernel prerequisites are not met (see above)", failed)
 	}
-	persist := []struct {
-		path string
-		data []byte
-	}{{render.ModulesLoadFile, render.ModulesLoad()}, {render.SysctlFile, render.SysctlConf()}}
+	persist := []hostFile{{render.ModulesLoadFile, render.ModulesLoad()}, {render.SysctlFile, render.SysctlConf()}}
 	bin := r.bundledContainerd()
 	var cfg, unit []byte
 	if bin != "" {
 		if cfg = files[render.BundledContainerdConfig]; cfg == nil {
 			return fmt.Errorf("the bundle carries %s but no containerd config (%s); rebuild it with this airadm", bin, render.BundledContainerdConfig)
 		}
-		persist = append(persist, struct {
-			path string
-			data []byte
-		}{render.ContainerdConfigFile, cfg})
+		persist = append(persist, hostFile{render.ContainerdConfigFile, cfg})
 		if !r.manifestHas(render.ContainerdUnitFile) {
 			// The bundle's own unit, if it carries one, was laid by files.
 			unit = bytes.ReplaceAll(files[render.BundledContainerdUnit], []byte("ExecStart="+render.ContainerdUnitBinary+"\n"), []byte("ExecStart="+bin+"\n"))
-			persist = append(persist, struct {
-				path string
-				data []byte
-			}{render.ContainerdUnitFile, unit})
+			persist = append(persist, hostFile{render.ContainerdUnitFile, unit})
 		}
 	}
 	if !r.DryRun {
@@ -122,6 +113,12 @@ func runRuntime(ctx context.Context, r *Run) error {
 	}
 	r.logf("  containerd answers CRI at %s, %.2fs after the phase started", sock, time.Since(start).Seconds())
 	return nil
+}
+
+// hostFile is a file the runtime phase installs.
+type hostFile struct {
+	path string
+	data []byte
 }
 
 // kernelResult is one kernel prerequisite and what was found or done.
