@@ -88,13 +88,13 @@ func NodeBootstrapRBAC() ([]*rbacv1.ClusterRole, []*rbacv1.ClusterRoleBinding) {
 }
 
 // Retries of API calls while a fresh control plane settles: the first
-// retry comes after 20 ms and the delay doubles up to a second, so a call
+// retry comes after 20 ms and the delay doubles up to 250 ms, so a call
 // refused in the first moments after /readyz (a namespace the apiserver is
 // still creating, say) is retried within milliseconds, not after a fixed
 // step; retrySpan bounds every step.
 const (
 	retryFirst = 20 * time.Millisecond
-	retryCap   = time.Second
+	retryCap   = 250 * time.Millisecond
 	retrySpan  = 2 * time.Minute
 )
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
@@ -12,6 +13,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/clientcmd"
@@ -66,17 +68,46 @@ func runWaitControlPlane(ctx context.Context, r *Run) error {
 		return err
 	}
 	start := time.Now()
-	// Short steps: the API steps start the moment /readyz answers.
+	// The other API steps (and the cluster-admins binding) need only an
+	// apiserver that serves requests and has its kube-system namespace,
+	// which it does a second or two before /readyz, while its post-start
+	// hooks finish. They start then, with retries for anything not yet in
+	// place, so that they are done, or nearly, when /readyz answers.
+	admins := make(chan error, 1)
+	actx, stopAdmins := context.WithCancel(ctx)
+	defer stopAdmins()
+	opened := false
+	open := func() {
+		opened = true
+		r.logf("  apiserver answering after %v; the other API steps start", time.Since(start).Round(10*time.Millisecond))
+		r.apiIsReady()
+		go func() { admins <- EnsureClusterAdmins(actx, cs) }()
+	}
 	err = r.poll(ctx, 50*time.Millisecond, func(ctx context.Context) (bool, error) {
 		body, err := cs.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
-		return err == nil && string(body) == "ok", err
+		if err == nil && string(body) == "ok" {
+			return true, nil
+		}
+		var status apierrors.APIStatus
+		if !opened && errors.As(err, &status) {
+			if _, nsErr := cs.CoreV1().Namespaces().Get(ctx, metav1.NamespaceSystem, metav1.GetOptions{}); nsErr == nil {
+				open()
+			}
+		}
+		return false, err
 	})
 	if err != nil {
+		if opened {
+			stopAdmins()
+			<-admins
+		}
 		return fmt.Errorf("the apiserver is not ready: %w; %s", err, staticPodHealth(ctx))
 	}
 	r.logf("  apiserver ready after %v", time.Since(start).Round(10*time.Millisecond))
-	r.apiIsReady()
-	return EnsureClusterAdmins(ctx, cs)
+	if !opened {
+		open()
+	}
+	return <-admins
 }
 
 // staticPodHealth asks each control-plane component's own health endpoint,
