@@ -60,6 +60,9 @@ func runRuntime(ctx context.Context, r *Run) error {
 		persist = append(persist, hostFile{render.ContainerdConfigFile, cfg})
 		if !r.manifestHas(render.ContainerdUnitFile) {
 			// The bundle's own unit, if it carries one, was laid by files.
+			if files[render.BundledContainerdUnit] == nil {
+				return fmt.Errorf("the bundle carries %s but no containerd unit (%s); rebuild it with this airadm", bin, render.BundledContainerdUnit)
+			}
 			unit = bytes.ReplaceAll(files[render.BundledContainerdUnit], []byte("ExecStart="+render.ContainerdUnitBinary+"\n"), []byte("ExecStart="+bin+"\n"))
 			persist = append(persist, hostFile{render.ContainerdUnitFile, unit})
 		}
