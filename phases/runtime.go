@@ -319,6 +319,9 @@ func (r *Run) containerdExec(bin string, configChanged bool) (<-chan error, erro
 		if err := stopProcess(pid); err != nil {
 			return nil, fmt.Errorf("stopping containerd: %w", err)
 		}
+	} else if sock, err := containerdSocket(r.files[render.BundledContainerdConfig]); err == nil && answers(sock) {
+		// Two containerds on one socket would take it from each other.
+		return nil, fmt.Errorf("a containerd that airadm did not start already answers at %s; stop it (or build the bundle without a runtime to use it)", sock)
 	}
 	if err := hostfs.MkdirAll(r.Root, filepath.Dir(containerdLogFile)); err != nil {
 		return nil, err
@@ -385,6 +388,15 @@ func waitCRI(ctx context.Context, sock string, exited <-chan error, logPath stri
 }
 
 var errCRIFailed = errors.New("containerd's CRI plugin failed")
+
+// answers says whether a containerd serves sock now; a missing socket is
+// not dialled (the client would wait out its timeout).
+func answers(sock string) bool {
+	if info, err := os.Stat(sock); err != nil || info.Mode().Type() != os.ModeSocket {
+		return false
+	}
+	return criStatus(context.Background(), sock) == nil
+}
 
 // criStatus asks containerd for the status of its CRI plugin.
 func criStatus(ctx context.Context, sock string) error {

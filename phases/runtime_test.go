@@ -226,6 +226,20 @@ func TestRuntimePhase(t *testing.T) {
 	criOK(t, sock)
 	pid = readPID(t, dir)
 
+	// A containerd apply did not start (no PID file of its own) is not
+	// replaced by a second one on the same socket.
+	pidFile := filepath.Join(dir, "var/lib/airadm/containerd.pid")
+	os.Rename(pidFile, pidFile+".away")
+	var refused bytes.Buffer
+	err = phases.Apply(context.Background(), phases.Options{Bundle: path, ManifestDigest: digest, Root: dir, Node: "w1",
+		SkipPhases: []string{"images", "kubelet", "tls-bootstrap"}, IgnorePreflight: []string{"ports", "swap", "sandbox-image"},
+		Kubelet: phases.KubeletExec, Out: &refused})
+	if err == nil || !strings.Contains(err.Error(), "a containerd that airadm did not start already answers at "+sock) {
+		t.Errorf("apply beside a foreign containerd = %v\n%s", err, refused.String())
+	}
+	os.Rename(pidFile+".away", pidFile)
+	criOK(t, sock)
+
 	resetLeavesNothing(t, dir)
 	if stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat"); err == nil && !strings.Contains(string(stat), ") Z ") {
 		t.Errorf("the containerd apply started (pid %d) still runs after reset", pid)
