@@ -49,7 +49,7 @@ const KubeletPKIDir = render.KubeletDir + "/pki"
 var ErrControlPlaneUnreachable = errors.New("the control plane is not reachable")
 
 // errTokenRejected is what a 401 to the bootstrap token means.
-var errTokenRejected = errors.New("the control plane rejects this node's bootstrap token: it has expired (join.token_ttl counts from the control plane's bootstrap-token phase) or was never published; renew it with `airadm apply phase bootstrap-token <control-plane>.bundle` on a control plane, then run this again")
+var errTokenRejected = errors.New("the control plane rejects this node's bootstrap token: it has expired (join.token_ttl counts from the control plane's bootstrap-token phase) or was never published. If this node was added to cluster.toml after the control plane was set up: run `airadm build` (it rebuilds the control-plane bundles with this node's token), apply the rebuilt control-plane bundle on a control plane, then apply this node's bundle again. If the token expired: run `airadm apply phase bootstrap-token <control-plane>.bundle` on a control plane, then run this again")
 
 // BootstrapKubelet does the kubelet's TLS bootstrap before the kubelet
 // starts, the way the kubelet itself would (pkg/kubelet/certificate/
