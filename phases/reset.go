@@ -178,17 +178,31 @@ func stopProcess(pid int) error {
 	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
 		return nil // already gone
 	}
-	for i := 0; i < 50; i++ {
-		if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
-			return nil
-		}
-		stat, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if strings.Contains(string(stat), ") Z ") {
-			return nil // a zombie is stopped; its parent reaps it
+	if stopped(pid, 50) {
+		return nil
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		return nil
+	}
+	// SIGKILL is delivered asynchronously: wait until it took, so that
+	// what reset removes next is no longer in use.
+	if !stopped(pid, 50) {
+		return fmt.Errorf("stopping process %d: still running after SIGKILL", pid)
+	}
+	return nil
+}
+
+// stopped waits up to tries×100 ms for pid to exit or become a zombie (a
+// zombie is stopped; its parent reaps it, slowly on these hosts).
+func stopped(pid, tries int) bool {
+	for i := 0; i < tries; i++ {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil || strings.Contains(string(stat), ") Z ") {
+			return true
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return syscall.Kill(pid, syscall.SIGKILL)
+	return false
 }
 
 // removeContainers kills and deletes every container in CRI's namespace.
