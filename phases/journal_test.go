@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/hostfs"
@@ -375,6 +376,16 @@ address = "127.0.1.21"
 		if err != nil {
 			cmd.Wait()
 			t.Fatalf("apply ended before its kubelet phase: %v\n%s\n%s", err, seen.String(), stderr.String())
+		}
+	}
+	// Signal once the fake kubelet is running as "kubelet": before its
+	// exec, bash's own argv would not be recognised as a kubelet by anyone.
+	pidFile := hostfs.Path(root, render.AiradmStateDir+"/kubelet.pid")
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		b, _ := os.ReadFile(pidFile)
+		argv, _ := os.ReadFile("/proc/" + strings.TrimSpace(string(b)) + "/cmdline")
+		if strings.HasPrefix(string(argv), "kubelet\x00") {
+			break
 		}
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
