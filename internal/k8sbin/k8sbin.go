@@ -5,7 +5,6 @@
 package k8sbin
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -19,8 +18,8 @@ import (
 	"sort"
 	"strings"
 
-	"airadm.dev/airadm/atomicfile"
 	"airadm.dev/airadm/render"
+	"airadm.dev/airadm/trust"
 )
 
 // EtcdVersion is the etcd release built for the tests. kubeadm asks for
@@ -117,14 +116,16 @@ func Ensure(ctx context.Context, repo string, log io.Writer) (string, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("creating %s: %w", dir, err)
 	}
-	sums, err := readSums(filepath.Join(dir, "SHA256SUMS"))
-	if err != nil {
+	sums, err := trust.ReadSums(filepath.Join(dir, trust.SumsFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		sums = trust.Sums{}
+	} else if err != nil {
 		return "", err
 	}
 	missing := map[string][]Binary{}
 	for _, b := range Binaries() {
 		got, err := fileSHA256(filepath.Join(dir, b.Name))
-		if err == nil && got == sums[b.Name] {
+		if err == nil && got == sums[b.Name].File {
 			continue
 		}
 		if err == nil {
@@ -148,7 +149,7 @@ func Ensure(ctx context.Context, repo string, log io.Writer) (string, error) {
 	return dir, nil
 }
 
-func build(ctx context.Context, moduleDir, dir string, bins []Binary, sums map[string]string, log io.Writer) error {
+func build(ctx context.Context, moduleDir, dir string, bins []Binary, sums trust.Sums, log io.Writer) error {
 	tmp, err := os.MkdirTemp(dir, ".build-")
 	if err != nil {
 		return fmt.Errorf("building binaries: %w", err)
@@ -182,9 +183,9 @@ func build(ctx context.Context, moduleDir, dir string, bins []Binary, sums map[s
 		if err := os.Rename(built, filepath.Join(dir, b.Name)); err != nil {
 			return fmt.Errorf("installing %s: %w", b.Name, err)
 		}
-		sums[b.Name] = sum
+		sums[b.Name] = trust.Sum{File: sum}
 	}
-	return writeSums(filepath.Join(dir, "SHA256SUMS"), sums)
+	return sums.Write(filepath.Join(dir, trust.SumsFile))
 }
 
 func fileSHA256(path string) (string, error) {
@@ -198,36 +199,4 @@ func fileSHA256(path string) (string, error) {
 		return "", fmt.Errorf("hashing %s: %w", path, err)
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-func readSums(path string) (map[string]string, error) {
-	sums := map[string]string{}
-	f, err := os.Open(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return sums, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("reading %s: %w", path, err)
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if sum, name, ok := strings.Cut(sc.Text(), "  "); ok {
-			sums[name] = sum
-		}
-	}
-	return sums, sc.Err()
-}
-
-func writeSums(path string, sums map[string]string) error {
-	names := make([]string, 0, len(sums))
-	for n := range sums {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	var b strings.Builder
-	for _, n := range names {
-		fmt.Fprintf(&b, "%s  %s\n", sums[n], n)
-	}
-	return atomicfile.Write(path, []byte(b.String()), 0o644)
 }
