@@ -8,7 +8,6 @@ package bundle
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -48,6 +47,10 @@ type Manifest struct {
 	Files             []FileEntry  `json:"files"`
 	Images            []ImageEntry `json:"images"`
 	Blobs             []BlobEntry  `json:"blobs"`
+	// Pack, when set, makes this a thin bundle: its images and blobs are
+	// not entries of the bundle but of the image pack whose digest (the
+	// sha256 of the pack's index) this is (docs/bundle-format.md).
+	Pack string `json:"pack,omitempty"`
 }
 
 // FileEntry is one host file, stored at files/<path without leading slash>.
@@ -140,24 +143,37 @@ func (m *Manifest) validate() error {
 			}
 		}
 	}
+	if err := validateImages(m.Images, m.Blobs); err != nil {
+		return err
+	}
+	if m.Pack != "" && !digestRE.MatchString(m.Pack) {
+		return fmt.Errorf("pack %q is not sha256:<64 lowercase hex>", m.Pack)
+	}
+	return nil
+}
+
+// validateImages checks an image list and its blob list, as a manifest and
+// a pack index hold them: sorted, well-formed, each image's manifest blob
+// listed.
+func validateImages(images []ImageEntry, blobList []BlobEntry) error {
 	blobs := map[string]int64{}
-	for i, b := range m.Blobs {
+	for i, b := range blobList {
 		if !digestRE.MatchString(b.Digest) || b.Size < 0 {
 			return fmt.Errorf("blob %q: bad digest or size", b.Digest)
 		}
 		if i > 0 {
-			if err := ascending("blob", m.Blobs[i-1].Digest, b.Digest); err != nil {
+			if err := ascending("blob", blobList[i-1].Digest, b.Digest); err != nil {
 				return err
 			}
 		}
 		blobs[b.Digest] = b.Size
 	}
-	for i, im := range m.Images {
+	for i, im := range images {
 		if !refRE.MatchString(im.Ref) {
 			return fmt.Errorf("image reference %q has characters outside [A-Za-z0-9._:/@+-]", im.Ref)
 		}
 		if i > 0 {
-			if err := ascending("image", m.Images[i-1].Ref, im.Ref); err != nil {
+			if err := ascending("image", images[i-1].Ref, im.Ref); err != nil {
 				return err
 			}
 		}
@@ -249,12 +265,15 @@ func (m *Manifest) entries(index []byte) []expected {
 		mode, _ := f.FileMode() // validate checked it
 		out = append(out, expected{name: entryName(f.Path), size: f.Size, mode: int64(mode), sha256: f.SHA256, file: f.Path})
 	}
-	for _, b := range m.Blobs {
-		out = append(out, expected{name: blobName(b.Digest), size: b.Size, mode: 0o644, sha256: strings.TrimPrefix(b.Digest, "sha256:")})
+	if m.Pack == "" {
+		// A thin bundle's images travel in the pack.
+		for _, b := range m.Blobs {
+			out = append(out, expected{name: blobName(b.Digest), size: b.Size, mode: 0o644, sha256: strings.TrimPrefix(b.Digest, "sha256:")})
+		}
+		out = append(out,
+			expected{name: IndexName, size: int64(len(index)), mode: 0o644, content: index},
+			expected{name: OCILayoutName, size: int64(len(ociLayout)), mode: 0o644, content: []byte(ociLayout)})
 	}
-	out = append(out,
-		expected{name: IndexName, size: int64(len(index)), mode: 0o644, content: index},
-		expected{name: OCILayoutName, size: int64(len(ociLayout)), mode: 0o644, content: []byte(ociLayout)})
 	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
 	return out
 }
@@ -322,7 +341,7 @@ func DecodeManifest(b []byte) (*Manifest, error) {
 	if !utf8.Valid(b) {
 		return nil, fmt.Errorf("decoding %s: not valid UTF-8", ManifestName)
 	}
-	if err := checkSchema(b); err != nil {
+	if err := checkSchema(b, "the manifest", manifestSchema); err != nil {
 		return nil, fmt.Errorf("decoding %s: %w", ManifestName, err)
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
@@ -374,6 +393,7 @@ var manifestSchema = []member{
 	{name: "blobs", kind: kArray, fields: []member{
 		{name: "digest", kind: kString}, {name: "size", kind: kInteger},
 	}},
+	{name: "pack", kind: kString, optional: true},
 }
 
 var (
@@ -381,18 +401,19 @@ var (
 	buildTimeRE = regexp.MustCompile(`^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$`)
 )
 
-// checkSchema walks the manifest's tokens against manifestSchema.
-func checkSchema(b []byte) error {
+// checkSchema walks a document's tokens against its schema (manifestSchema
+// or packIndexSchema).
+func checkSchema(b []byte, what string, schema []member) error {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.UseNumber()
-	if err := expectDelim(dec, '{', "the manifest"); err != nil {
+	if err := expectDelim(dec, '{', what); err != nil {
 		return err
 	}
-	if err := checkObject(dec, "", manifestSchema); err != nil {
+	if err := checkObject(dec, "", schema); err != nil {
 		return err
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		return errors.New("data after the manifest's object")
+		return fmt.Errorf("data after %s's object", what)
 	}
 	return nil
 }

@@ -191,8 +191,12 @@ func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 			imageManifests[strings.TrimPrefix(name, blobsPrefix)] = vr.keep.Bytes()
 		}
 	}
-	if err := checkReferences(m, imageManifests); err != nil {
-		return nil, "", err
+	if m.Pack == "" {
+		// A thin bundle's references are checked as its blobs are read
+		// from the pack (Pack.ReadBlobs).
+		if err := checkReferences(m, imageManifests); err != nil {
+			return nil, "", err
+		}
 	}
 	return m, digest, nil
 }

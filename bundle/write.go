@@ -43,6 +43,9 @@ type Contents struct {
 	// (host binaries), streamed into the bundle rather than held in memory.
 	StoredFiles []StoredFile
 	Images      []Image
+	// Pack, when set, is the digest of the image pack that carries Images:
+	// the bundle is thin, listing its images and blobs without holding them.
+	Pack string
 }
 
 // StoredFile is a host file whose contents are the blob Digest.
@@ -69,6 +72,7 @@ func (c Contents) Manifest() (*Manifest, error) {
 		Files:             []FileEntry{},
 		Images:            []ImageEntry{},
 		Blobs:             []BlobEntry{},
+		Pack:              c.Pack,
 	}
 	for _, f := range c.Files {
 		sum := sha256.Sum256(f.Data)
@@ -78,13 +82,23 @@ func (c Contents) Manifest() (*Manifest, error) {
 		m.Files = append(m.Files, FileEntry{Path: f.Path, Mode: fmt.Sprintf("%04o", f.Mode.Perm()), Size: f.Size, SHA256: f.Digest.Hex})
 	}
 	sort.Slice(m.Files, func(i, j int) bool { return m.Files[i].Path < m.Files[j].Path })
+	m.Images, m.Blobs = imageEntries(c.Images)
+	if err := m.validate(); err != nil {
+		return nil, fmt.Errorf("building manifest: %w", err)
+	}
+	return m, nil
+}
+
+// imageEntries lists images by ref and their blobs, each once, by digest.
+func imageEntries(images []Image) ([]ImageEntry, []BlobEntry) {
+	out, list := []ImageEntry{}, []BlobEntry{}
 	blobs := map[string]int64{}
-	for _, im := range c.Images {
+	for _, im := range images {
 		total := im.Manifest.Size
 		for _, b := range im.Blobs {
 			total += b.Size
 		}
-		m.Images = append(m.Images, ImageEntry{
+		out = append(out, ImageEntry{
 			Ref: im.Ref, Digest: im.Manifest.Digest.String(), MediaType: string(im.Manifest.MediaType),
 			Size: im.Manifest.Size, TotalSize: total, Platform: im.Platform, IndexDigest: im.IndexDigest,
 		})
@@ -93,15 +107,12 @@ func (c Contents) Manifest() (*Manifest, error) {
 			blobs[b.Digest.String()] = b.Size
 		}
 	}
-	sort.Slice(m.Images, func(i, j int) bool { return m.Images[i].Ref < m.Images[j].Ref })
+	sort.Slice(out, func(i, j int) bool { return out[i].Ref < out[j].Ref })
 	for d, size := range blobs {
-		m.Blobs = append(m.Blobs, BlobEntry{Digest: d, Size: size})
+		list = append(list, BlobEntry{Digest: d, Size: size})
 	}
-	sort.Slice(m.Blobs, func(i, j int) bool { return m.Blobs[i].Digest < m.Blobs[j].Digest })
-	if err := m.validate(); err != nil {
-		return nil, fmt.Errorf("building manifest: %w", err)
-	}
-	return m, nil
+	sort.Slice(list, func(i, j int) bool { return list[i].Digest < list[j].Digest })
+	return out, list
 }
 
 // Write writes the bundle of c to w, copying blobs from store as they are
