@@ -25,6 +25,7 @@ type BuildCmd struct {
 	Cache string   `help:"Content-addressed cache of image blobs and host files, shared by all builds (default: the user cache directory)."`
 	Jobs  int      `default:"4" help:"Concurrent image transfers (at least 1)."`
 	JSON  bool     `name:"json" help:"Print the bundles as a JSON array."`
+	Renew bool     `help:"Reissue every leaf and kubeconfig client certificate, not only those within pki.renew_before of expiry (CAs, the service-account key and tokens are kept)."`
 	Nodes []string `arg:"" optional:"" help:"Nodes to build (default: all, removing the bundles of nodes no longer in the config)."`
 }
 
@@ -70,7 +71,7 @@ func (cmd *BuildCmd) Run(env *Env) error {
 	progress := newProgress(env)
 	res, err := build.Run(ctx, build.Options{
 		ConfigPath: cmd.Config, Cluster: c, Out: cmd.Out, CacheDir: cacheDir, Jobs: cmd.Jobs, Nodes: cmd.Nodes,
-		BuildTime: buildTime, Now: env.Now, Rand: env.Rand,
+		Renew: cmd.Renew, BuildTime: buildTime, Now: env.Now, Rand: env.Rand,
 		Log:      func(line string) { progress.done(); fmt.Fprintln(env.Stderr, line) },
 		Progress: progress.pull,
 	})

@@ -50,6 +50,9 @@ type Options struct {
 	// Nodes to build; empty builds every node and removes the bundles of
 	// nodes the config no longer has.
 	Nodes []string
+	// Renew reissues every leaf and kubeconfig client certificate, not
+	// only those within pki.renew_before of expiry.
+	Renew bool
 	// BuildTime goes into every manifest (SOURCE_DATE_EPOCH in the CLI).
 	BuildTime time.Time
 	Now       func() time.Time
@@ -157,6 +160,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	defer st.Close()
 	st.Log = o.Log
+	st.RenewAll = o.Renew
 	s, err := st.Ensure(c)
 	if err != nil {
 		return nil, err

@@ -37,10 +37,13 @@ type Cluster struct {
 	Algorithm     pki.Algorithm
 	CertValidity  time.Duration
 	CAValidity    time.Duration
-	ExtraSANs     []string
-	Repository    string
-	ExtraImages   []string
-	Platform      string // os/arch[/variant] of every image, default linux/amd64
+	// RenewBefore is how close to its expiry a build reissues a leaf
+	// certificate or kubeconfig client certificate.
+	RenewBefore time.Duration
+	ExtraSANs   []string
+	Repository  string
+	ExtraImages []string
+	Platform    string // os/arch[/variant] of every image, default linux/amd64
 	// ImageLayout, if set, is an OCI layout directory (relative to the
 	// config file) that serves every image instead of registries.
 	ImageLayout  string
@@ -88,11 +91,14 @@ const (
 	DefaultRepository    = "registry.k8s.io"
 	DefaultCertValidity  = "8760h"
 	DefaultCAValidity    = "87600h"
-	DefaultTokenTTL      = "24h"
-	DefaultCgroupDriver  = "systemd"
-	DefaultCRISocket     = "unix:///var/run/containerd/containerd.sock"
-	DefaultPlatform      = "linux/amd64"
-	APIServerPort        = 6443
+	// DefaultRenewBefore is airadm's: 30 days, the window in which kubeadm's
+	// docs tell operators to renew, and an upgrade's usual cadence.
+	DefaultRenewBefore  = "720h"
+	DefaultTokenTTL     = "24h"
+	DefaultCgroupDriver = "systemd"
+	DefaultCRISocket    = "unix:///var/run/containerd/containerd.sock"
+	DefaultPlatform     = "linux/amd64"
+	APIServerPort       = 6443
 )
 
 // Node returns the node called name.
@@ -183,6 +189,17 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 	c.CAValidity = duration(&p, "pki.ca_validity", orDefault(cfg.PKI.CAValidity, DefaultCAValidity), false)
 	if c.CertValidity > 0 && c.CAValidity > 0 && c.CertValidity > c.CAValidity {
 		p.add("pki.cert_validity", "%s outlasts pki.ca_validity %s", cfg.PKI.CertValidity, orDefault(cfg.PKI.CAValidity, DefaultCAValidity))
+	}
+	// A window as long as the validity would reissue every certificate on
+	// every build: builds would no longer be reproducible.
+	c.RenewBefore = duration(&p, "pki.renew_before", orDefault(cfg.PKI.RenewBefore, DefaultRenewBefore), false)
+	if cfg.PKI.RenewBefore == "" && c.CertValidity > 0 && c.CertValidity/3 < c.RenewBefore {
+		// Short-lived certificates renew in their last third, as the
+		// kubelet rotates its own (in the last 10-30%).
+		c.RenewBefore = c.CertValidity / 3
+	}
+	if c.RenewBefore > 0 && c.CertValidity > 0 && c.RenewBefore >= c.CertValidity {
+		p.add("pki.renew_before", "%q is not shorter than pki.cert_validity %q: every build would reissue every certificate", orDefault(cfg.PKI.RenewBefore, DefaultRenewBefore), orDefault(cfg.PKI.CertValidity, DefaultCertValidity))
 	}
 	c.TokenTTL = duration(&p, "join.token_ttl", orDefault(cfg.Join.TokenTTL, DefaultTokenTTL), true)
 	for i, san := range c.ExtraSANs {

@@ -41,6 +41,7 @@ type PKIConfig struct {
 	Algorithm    string   `toml:"algorithm"`
 	CertValidity string   `toml:"cert_validity"`
 	CAValidity   string   `toml:"ca_validity"`
+	RenewBefore  string   `toml:"renew_before"`
 	ExtraSANs    []string `toml:"extra_sans"`
 }
 

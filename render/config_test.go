@@ -70,6 +70,7 @@ address = "10.0.0.11"
 		{"algorithm", string(c.Algorithm), "RSA-2048"},
 		{"cert_validity", c.CertValidity.String(), "8760h0m0s"},
 		{"ca_validity", c.CAValidity.String(), "87600h0m0s"},
+		{"renew_before", c.RenewBefore.String(), "720h0m0s"},
 		{"repository", c.Repository, "registry.k8s.io"},
 		{"token_ttl", c.TokenTTL.String(), "24h0m0s"},
 		{"dns ip", c.DNSServiceIP().String(), "10.96.0.10"},

@@ -48,6 +48,9 @@ type Store struct {
 	// Log receives one line per piece of material created; nil discards.
 	// Lines name files, never their content.
 	Log func(string)
+	// RenewAll reissues every leaf, whatever its expiry (build --renew).
+	// CAs, the service-account key and tokens are kept.
+	RenewAll bool
 }
 
 // ErrLocked means another airadm run holds the directory.
@@ -237,6 +240,10 @@ func (s *Store) caJob(c *render.Cluster, base, cn string, now time.Time) (*issue
 		if got := pki.AlgorithmOf(p.Cert.PublicKey); got != c.Algorithm {
 			return nil, fmt.Errorf("reading %s.crt: its key is %s but pki.algorithm is %s; CAs are never regenerated, so set pki.algorithm = %q or move %s away to start a new cluster", file, orUnknown(got), c.Algorithm, got, s.dir)
 		}
+		if !now.Add(c.RenewBefore).Before(p.Cert.NotAfter) {
+			// Leaves renewed now outlive their CA; only a new cluster helps.
+			s.logf("warning: %s.crt expires %s; airadm never regenerates a CA, and certificates it signs are worthless after that", file, p.Cert.NotAfter.UTC().Format(time.RFC3339))
+		}
 		return &issue{pair: p}, nil
 	}
 	serial, err := pki.NewSerial(s.rand)
@@ -299,16 +306,7 @@ func (s *Store) leafJob(c *render.Cluster, n render.Node, leaf render.Leaf, ca p
 	}
 	reason := "created"
 	if ok {
-		switch {
-		case p.Cert.CheckSignatureFrom(ca.Cert) != nil:
-			reason = "reissued (the CA changed)"
-		case !pki.Matches(p.Cert, leaf.Spec):
-			reason = "reissued (names in the config changed)"
-		case pki.AlgorithmOf(p.Cert.PublicKey) != c.Algorithm:
-			reason = "reissued (pki.algorithm changed)"
-		case !now.Before(p.Cert.NotAfter):
-			reason = "reissued (expired)"
-		default:
+		if reason = Renewal(p, leaf.Spec, ca, c.Algorithm, now, c.RenewBefore, s.RenewAll); reason == "" {
 			return &issue{node: n.Name, name: leaf.Name, pair: p}, nil
 		}
 	}
@@ -330,6 +328,29 @@ func (s *Store) leafJob(c *render.Cluster, n render.Node, leaf render.Leaf, ca p
 		return writePair(file, p)
 	}
 	return j, nil
+}
+
+// Renewal says why a stored leaf must be reissued, or "" if it stays. A
+// leaf is reissued when its CA, names or algorithm no longer match the
+// config, when it is within renewBefore of its expiry (or past it), or
+// always when all is set (`airadm build --renew`). The decision depends only
+// on its arguments, so a build at a given clock reading is reproducible.
+func Renewal(p pki.Pair, spec pki.Spec, ca pki.Pair, alg pki.Algorithm, now time.Time, renewBefore time.Duration, all bool) string {
+	switch {
+	case p.Cert.CheckSignatureFrom(ca.Cert) != nil:
+		return "reissued (the CA changed)"
+	case !pki.Matches(p.Cert, spec):
+		return "reissued (names in the config changed)"
+	case pki.AlgorithmOf(p.Cert.PublicKey) != alg:
+		return "reissued (pki.algorithm changed)"
+	case !now.Before(p.Cert.NotAfter):
+		return "reissued (expired " + p.Cert.NotAfter.UTC().Format(time.RFC3339) + ")"
+	case !now.Add(renewBefore).Before(p.Cert.NotAfter):
+		return fmt.Sprintf("renewed (expires %s, within pki.renew_before %s)", p.Cert.NotAfter.UTC().Format(time.RFC3339), renewBefore)
+	case all:
+		return "renewed (--renew)"
+	}
+	return ""
 }
 
 func (s *Store) ensureToken(node string) (render.Token, error) {
