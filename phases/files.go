@@ -14,6 +14,9 @@ import (
 	"slices"
 	"strings"
 
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
+
 	"airadm.dev/airadm/atomicfile"
 	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/hostfs"
@@ -100,8 +103,9 @@ func runFiles(ctx context.Context, r *Run) error {
 		}
 	}
 	r.staged.removeStale()
+	converging := r.journal != nil && len(r.journal.Phases) > 0
 	var wrote, same int
-	for _, fe := range r.Manifest.Files {
+	for _, fe := range writeOrder(r.Manifest.Files) {
 		// Between two atomic writes is a safe point to stop at.
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("writing files (%d written, %d already in place): %w", wrote, same, err)
@@ -116,6 +120,16 @@ func runFiles(ctx context.Context, r *Run) error {
 			same++
 			continue
 		}
+		if fe.Path == render.BootstrapKubeconfig && r.worker() && kubeconfigValid(r.Root, r.path(render.KubeletKubeconfig)) {
+			// The kubelet holds its credential and rotates it itself
+			// through the CSR API; the token would only lie about.
+			r.logf("  kept %s out: %s holds a valid client certificate, which the kubelet renews itself", fe.Path, render.KubeletKubeconfig)
+			same++
+			continue
+		}
+		_, statErr := os.Lstat(target)
+		existed := statErr == nil
+		r.changed = append(r.changed, fe.Path)
 		if r.DryRun {
 			r.logf("  would write %s (%s, %d bytes)", fe.Path, fe.Mode, fe.Size)
 			wrote++
@@ -137,14 +151,95 @@ func runFiles(ctx context.Context, r *Run) error {
 				return err
 			}
 		}
+		// On a node apply has set up before, each change is news.
+		if converging && existed {
+			r.logf("  replaced %s", fe.Path)
+		} else if converging {
+			r.logf("  created %s", fe.Path)
+		}
 		wrote++
 	}
 	if r.DryRun {
 		r.logf("  %d files would be written, %d are already in place", wrote, same)
-		return nil
+	} else if wrote == 0 {
+		r.logf("  nothing changed: all %d files already in place", same)
+	} else {
+		r.logf("  wrote %d files, %d already in place", wrote, same)
 	}
-	r.logf("  wrote %d files, %d already in place", wrote, same)
+	r.reportRestarts()
 	return nil
+}
+
+// writeOrder puts the static pod manifests last. A manifest that changes
+// makes kubelet restart its component, which must then find the
+// certificates and kubeconfigs it reads already replaced.
+func writeOrder(files []bundle.FileEntry) []bundle.FileEntry {
+	out := slices.Clone(files)
+	slices.SortStableFunc(out, func(a, b bundle.FileEntry) int {
+		am, bm := strings.HasPrefix(a.Path, render.ManifestsDir+"/"), strings.HasPrefix(b.Path, render.ManifestsDir+"/")
+		switch {
+		case am == bm:
+			return 0
+		case bm:
+			return -1
+		}
+		return 1
+	})
+	return out
+}
+
+// reportRestarts says which components this run's changes restart, and
+// why: kubelet restarts a static pod whose manifest changed, and the
+// kubelet phase restarts the kubelet if one of its files changed.
+func (r *Run) reportRestarts() {
+	would := ""
+	if r.DryRun {
+		would = "would "
+	}
+	files, _ := r.readFiles()
+	for _, p := range r.changed {
+		component, ok := strings.CutSuffix(strings.TrimPrefix(p, render.ManifestsDir+"/"), ".yaml")
+		if !ok || !strings.HasPrefix(p, render.ManifestsDir+"/") {
+			continue
+		}
+		var pod corev1.Pod
+		if yaml.Unmarshal(files[p], &pod) != nil {
+			continue
+		}
+		var why []string
+		for _, in := range render.PodInputs(&pod) {
+			if slices.Contains(r.changed, in) {
+				why = append(why, in)
+			}
+		}
+		reason := "its manifest changed"
+		if len(why) > 0 {
+			reason = "it reads " + strings.Join(why, ", ")
+		}
+		r.logf("  kubelet %srestart %s: %s", would, component, reason)
+	}
+	if changed := r.kubeletInputsChanged(); len(changed) > 0 && !r.planned("kubelet") {
+		r.logf("  %s changed: restart the kubelet (the kubelet phase is not part of this run)", strings.Join(changed, ", "))
+	}
+}
+
+// kubeletInputs are the files the kubelet reads when it starts.
+func kubeletInputs() []string {
+	return []string{
+		render.KubeletBinary, render.KubeletConfigFile, render.KubeletInstanceConfigFile, render.KubeletFlagsFile,
+		render.KubeletUnitFile, render.KubeletDropInFile, render.KubeletKubeconfig, render.PKIDir + "/ca.crt",
+	}
+}
+
+// kubeletInputsChanged lists the kubelet's files this run wrote.
+func (r *Run) kubeletInputsChanged() []string {
+	var out []string
+	for _, p := range r.changed {
+		if slices.Contains(kubeletInputs(), p) {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // removeStaleTemps deletes temp files a crashed earlier write left beside

@@ -47,28 +47,50 @@ func (r *Run) kubeletMode() string {
 
 func runKubelet(ctx context.Context, r *Run) error {
 	mode := r.kubeletMode()
+	// A running kubelet read its files when it started: it restarts if
+	// this run changed one of them, and is left alone otherwise.
+	changed := r.kubeletInputsChanged()
 	if r.DryRun {
 		if r.worker() {
 			r.logf("  would request the kubelet's client certificate with the bootstrap token and write %s", render.KubeletKubeconfig)
 		}
-		r.logf("  would start kubelet (%s)", mode)
+		if len(changed) > 0 {
+			r.logf("  would start or restart kubelet (%s): %s changed", mode, strings.Join(changed, ", "))
+		} else {
+			r.logf("  would start kubelet (%s) unless it runs", mode)
+		}
 		return nil
 	}
 	if mode == KubeletSystemd {
 		if err := r.bootstrapKubelet(ctx); err != nil {
 			return err
 		}
+		active := exec.CommandContext(ctx, "systemctl", "is-active", "--quiet", "kubelet").Run() == nil
+		if active && len(changed) == 0 {
+			r.logf("  kubelet running under systemd; its files are unchanged")
+			return nil
+		}
 		for _, args := range [][]string{{"daemon-reload"}, {"enable", "kubelet"}, {"restart", "kubelet"}} {
 			if out, err := exec.CommandContext(ctx, "systemctl", args...).CombinedOutput(); err != nil {
 				return fmt.Errorf("systemctl %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 			}
 		}
-		r.logf("  kubelet enabled and started by systemd")
+		if active {
+			r.logf("  kubelet restarted by systemd: %s changed", strings.Join(changed, ", "))
+		} else {
+			r.logf("  kubelet enabled and started by systemd")
+		}
 		return nil
 	}
 	if pid, ok := r.runningKubelet(); ok {
-		r.logf("  kubelet already running (pid %d)", pid)
-		return nil
+		if len(changed) == 0 {
+			r.logf("  kubelet already running (pid %d); its files are unchanged", pid)
+			return nil
+		}
+		if err := stopProcess(pid); err != nil {
+			return fmt.Errorf("restarting kubelet: %w", err)
+		}
+		r.logf("  stopped kubelet (pid %d) to restart it: %s changed", pid, strings.Join(changed, ", "))
 	}
 	if err := r.bootstrapKubelet(ctx); err != nil {
 		return err

@@ -108,6 +108,9 @@ type Run struct {
 	// staged holds the others (host binaries), written to the staging
 	// area by the verifying pass.
 	staged *staging
+	// changed lists the host paths the files phase wrote (or would, in a
+	// dry run), for the restarts they call for.
+	changed []string
 }
 
 // planned reports whether this run includes phase name.

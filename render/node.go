@@ -5,10 +5,13 @@
 package render
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io/fs"
 	"path"
+	"slices"
 	"sort"
 	"strings"
 
@@ -163,7 +166,14 @@ func (c *Cluster) controlPlaneFiles(s *Secrets, n Node) ([]File, error) {
 		}
 	}
 
+	// The manifests come after every file their components read, so
+	// that they can carry a digest of them.
+	inputs := map[string][]byte{}
+	for _, f := range files {
+		inputs[f.Path] = f.Data
+	}
 	for _, pod := range []*corev1.Pod{c.etcdPod(n), c.apiServerPod(n), c.controllerManagerPod(), c.schedulerPod()} {
+		stampInputs(pod, inputs)
 		b, err := yaml.Marshal(pod)
 		if err != nil {
 			return nil, fmt.Errorf("encoding %s manifest: %w", pod.Name, err)
@@ -204,4 +214,49 @@ func (c *Cluster) controlPlaneFiles(s *Secrets, n Node) ([]File, error) {
 	}
 	files = append(files, File{JoinFile, 0o600, append(jb, '\n')})
 	return files, nil
+}
+
+// InputsAnnotation carries, on each static pod, a sha256 over the node's
+// files that its component reads (PodInputs: certificates, keys,
+// kubeconfigs). kubelet restarts a static pod only when its manifest
+// changes, and components read these files only when they start; so a
+// renewed certificate or a new SAN changes the manifest of exactly the
+// components that use it, and applying the bundle restarts exactly those.
+// The digest names no secret: it is one-way, over whole files.
+const InputsAnnotation = "airadm.dev/inputs.sha256"
+
+func stampInputs(pod *corev1.Pod, files map[string][]byte) {
+	h := sha256.New()
+	for _, p := range PodInputs(pod) {
+		if data, ok := files[p]; ok {
+			fmt.Fprintf(h, "%s %x\n", p, sha256.Sum256(data))
+		}
+	}
+	if pod.Annotations == nil {
+		pod.Annotations = map[string]string{}
+	}
+	pod.Annotations[InputsAnnotation] = hex.EncodeToString(h.Sum(nil))
+}
+
+// PodInputs lists the absolute paths a static pod's command names in its
+// flags (--tls-cert-file=/etc/kubernetes/pki/apiserver.crt, comma-separated
+// lists included), sorted and unique: the files the component reads at
+// start.
+func PodInputs(pod *corev1.Pod) []string {
+	var out []string
+	for _, ctr := range pod.Spec.Containers {
+		for _, arg := range append(slices.Clone(ctr.Command), ctr.Args...) {
+			_, value, ok := strings.Cut(arg, "=")
+			if !ok {
+				continue
+			}
+			for _, v := range strings.Split(value, ",") {
+				if path.IsAbs(v) && path.Clean(v) == v && !slices.Contains(out, v) {
+					out = append(out, v)
+				}
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
 }
