@@ -26,6 +26,7 @@ type ApplyCmd struct {
 	Kubelet               string        `enum:"systemd,exec," default:"" help:"How to start kubelet: systemd or exec (default: systemd where it runs)."`
 	KubeletBinary         string        `default:"/usr/bin/kubelet" help:"The kubelet binary, in exec mode."`
 	Timeout               time.Duration `default:"4m" help:"How long each wait on the cluster may take."`
+	Images                string        `type:"path" placeholder:"FILE" help:"A thin bundle's image pack (default: images.pack beside the bundle)."`
 	// Three positionals rather than one slice: kong ends a slice at the
 	// first flag, and `apply phase images --root R BUNDLE` must parse.
 	Bundle    string `arg:"" name:"bundle" help:"The bundle file; or: phase NAME BUNDLE, to run one phase (${phases})."`
@@ -69,6 +70,7 @@ func (cmd *ApplyCmd) Run(env *Env) error {
 		IgnorePreflight: cmd.IgnorePreflightErrors, Out: env.Stdout, Now: env.Now,
 		CRISocket: cmd.CRISocket, ContainerdConfig: cmd.ContainerdConfig, Kubelet: cmd.Kubelet, KubeletBinary: cmd.KubeletBinary,
 		Timeout:  cmd.Timeout,
+		Images:   cmd.Images,
 		Progress: newProgress(env).line,
 	})
 }

@@ -14,6 +14,7 @@ import (
 
 	"airadm.dev/airadm/build"
 	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/phases"
 	"airadm.dev/airadm/pki"
 	"airadm.dev/airadm/trust"
 )
@@ -26,6 +27,7 @@ type BuildCmd struct {
 	Jobs  int      `default:"4" help:"Concurrent image transfers (at least 1)."`
 	JSON  bool     `name:"json" help:"Print the bundles as a JSON array."`
 	Renew bool     `help:"Reissue every leaf and kubeconfig client certificate, not only those within pki.renew_before of expiry (CAs, the service-account key and tokens are kept)."`
+	Pack  bool     `help:"Write every image once, to images.pack, and thin bundles that name it (for fleets; default: self-contained bundles)."`
 	Nodes []string `arg:"" optional:"" help:"Nodes to build (default: all, removing the bundles of nodes no longer in the config)."`
 }
 
@@ -74,6 +76,7 @@ func (cmd *BuildCmd) Run(env *Env) error {
 		Renew: cmd.Renew, BuildTime: buildTime, Now: env.Now, Rand: env.Rand,
 		Log:      func(line string) { progress.done(); fmt.Fprintln(env.Stderr, line) },
 		Progress: progress.pull,
+		Pack:     cmd.Pack,
 	})
 	progress.done()
 	if err != nil {
@@ -81,6 +84,9 @@ func (cmd *BuildCmd) Run(env *Env) error {
 	}
 	if cmd.JSON {
 		return json.NewEncoder(env.Stdout).Encode(res.Bundles)
+	}
+	if res.Pack != nil {
+		fmt.Fprintf(env.Stdout, "%s  pack %s\n", res.Pack.Path, res.Pack.Digest)
 	}
 	for _, b := range res.Bundles {
 		fmt.Fprintf(env.Stdout, "%s  manifest %s\n", b.Bundle, b.ManifestDigest)
@@ -110,6 +116,7 @@ func (f authFlags) vouch(path string) (trust.Vouch, error) {
 // VerifyCmd checks a bundle byte for byte.
 type VerifyCmd struct {
 	authFlags
+	Images string `type:"path" placeholder:"FILE" help:"A thin bundle's image pack (default: images.pack beside the bundle)."`
 	Bundle string `arg:"" help:"Bundle file."`
 	JSON   bool   `name:"json" help:"Print the result as JSON."`
 }
@@ -128,15 +135,28 @@ func (cmd *VerifyCmd) Run(env *Env) error {
 	if err != nil {
 		return fmt.Errorf("verifying %s: %w", cmd.Bundle, err)
 	}
+	pack := ""
+	if m.Pack != "" {
+		// Its images: this node's blobs of the pack, read and hashed.
+		o := phases.Options{Bundle: cmd.Bundle, Images: cmd.Images}
+		if err := o.VerifyPack(m); err != nil {
+			return fmt.Errorf("verifying %s: %w", cmd.Bundle, err)
+		}
+		pack = o.PackPath()
+	}
 	if cmd.JSON {
 		return json.NewEncoder(env.Stdout).Encode(map[string]any{
 			"bundle": cmd.Bundle, "ok": true, "cluster": m.Cluster, "node": m.Node, "role": m.Role,
 			"files": len(m.Files), "images": len(m.Images), "blobs": len(m.Blobs),
-			"authenticatedBy": v.From, "fileSHA256Checked": v.FileSHA256 != "", "manifestDigestChecked": v.ManifestDigest != "",
+			"pack": pack, "authenticatedBy": v.From, "fileSHA256Checked": v.FileSHA256 != "", "manifestDigestChecked": v.ManifestDigest != "",
 		})
 	}
-	fmt.Fprintf(env.Stdout, "%s: ok: %s %s (%s), %d files, %d images, %d blobs; %s\n",
-		cmd.Bundle, m.Cluster, m.Node, m.Role, len(m.Files), len(m.Images), len(m.Blobs), v.Describe())
+	in := ""
+	if pack != "" {
+		in = " in " + pack
+	}
+	fmt.Fprintf(env.Stdout, "%s: ok: %s %s (%s), %d files, %d images, %d blobs%s; %s\n",
+		cmd.Bundle, m.Cluster, m.Node, m.Role, len(m.Files), len(m.Images), len(m.Blobs), in, v.Describe())
 	return nil
 }
 

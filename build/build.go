@@ -66,6 +66,9 @@ type Options struct {
 	// HTTPClient fetches [host] sources given as URLs; nil means Go's
 	// defaults (the system trust store, the environment's proxy).
 	HTTPClient *http.Client
+	// Pack writes every image of the cluster once, to images.pack, and
+	// thin bundles that name it instead of carrying their images.
+	Pack bool
 }
 
 // Bundle is one written bundle.
@@ -76,9 +79,19 @@ type Bundle struct {
 	ManifestDigest string `json:"manifestDigest"`
 }
 
+// Pack is a written image pack.
+type Pack struct {
+	Path   string `json:"path"`
+	SHA256 string `json:"sha256"`
+	// Digest is the pack digest (its index's sha256) thin bundles name.
+	Digest string `json:"digest"`
+}
+
 // Result is what a build wrote and removed.
 type Result struct {
 	Bundles []Bundle
+	// Pack is set when the build wrote images.pack.
+	Pack *Pack
 	// Removed lists the bundles removed because their node left the config.
 	Removed []string
 }
@@ -131,7 +144,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	// every worker's, so pulling them up front keeps every image fetched
 	// before secrets/ or the output is touched.
 	pullNodes := nodes
-	if !full && slices.ContainsFunc(nodes, func(n string) bool { nd, _ := c.Node(n); return nd.Role == render.Worker }) {
+	if o.Pack {
+		// The pack holds every node's images, so that a build of some
+		// nodes writes the same pack the other thin bundles name.
+		pullNodes = appendMissing(nodes, allNodes(c))
+	} else if !full && slices.ContainsFunc(nodes, func(n string) bool { nd, _ := c.Node(n); return nd.Role == render.Worker }) {
 		pullNodes = appendMissing(nodes, controlPlanes(c))
 	}
 	cache, err := bundle.OpenCache(o.CacheDir)
@@ -201,11 +218,24 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	defer os.RemoveAll(staging)
 
 	res := &Result{}
+	var packDigest string
+	if o.Pack {
+		var images []bundle.Image
+		for _, r := range imageRefs(c, allNodes(c)) {
+			images = append(images, byRef[r])
+		}
+		p, err := writePack(ctx, filepath.Join(staging, bundle.PackFile), images, cache)
+		if err != nil {
+			return nil, fmt.Errorf("building %s: %w", bundle.PackFile, err)
+		}
+		p.Path = filepath.Join(o.Out, bundle.PackFile)
+		res.Pack, packDigest = &p, p.Digest
+	}
 	for _, name := range nodes {
 		n, _ := c.Node(name)
 		contents := bundle.Contents{
 			Cluster: c.Name, Node: name, Role: string(n.Role), KubernetesVersion: c.KubernetesVersion,
-			BuildTime: o.BuildTime, Files: rendered[name], StoredFiles: host[n.Role],
+			BuildTime: o.BuildTime, Files: rendered[name], StoredFiles: host[n.Role], Pack: packDigest,
 		}
 		for _, r := range c.NodeImages(n) {
 			contents.Images = append(contents.Images, byRef[r])
@@ -218,7 +248,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		res.Bundles = append(res.Bundles, b)
 	}
 	if full {
-		if res.Removed, err = departed(c, o.Out); err != nil {
+		if res.Removed, err = departed(c, o.Out, o.Pack); err != nil {
 			return nil, err
 		}
 	}
@@ -231,6 +261,10 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	for _, r := range res.Removed {
+		if filepath.Base(r) == bundle.PackFile {
+			o.log("removed %s: this build's bundles carry their own images (--pack writes it)", r)
+			continue
+		}
 		o.log("removed %s: its node is no longer in %s", r, o.ConfigPath)
 	}
 	return res, nil
@@ -278,6 +312,14 @@ func roles(c *render.Cluster, nodes []string) []render.Role {
 		if !slices.Contains(out, n.Role) {
 			out = append(out, n.Role)
 		}
+	}
+	return out
+}
+
+func allNodes(c *render.Cluster) []string {
+	var out []string
+	for _, n := range c.Nodes {
+		out = append(out, n.Name)
 	}
 	return out
 }
@@ -410,6 +452,23 @@ func writeBundle(ctx context.Context, path string, contents bundle.Contents, cac
 	return b, err
 }
 
+// writePack writes the image pack to path (inside the staging directory).
+func writePack(ctx context.Context, path string, images []bundle.Image, cache *bundle.Cache) (Pack, error) {
+	var p Pack
+	whole := sha256.New()
+	err := atomicfile.WriteFrom(path, 0o644, func(w io.Writer) error {
+		bw := bufio.NewWriterSize(io.MultiWriter(ctxWriter{ctx, w}, whole), 1<<20)
+		_, d, err := bundle.WritePack(bw, images, cache)
+		if err != nil {
+			return err
+		}
+		p.Digest = d
+		return bw.Flush()
+	})
+	p.SHA256 = hex.EncodeToString(whole.Sum(nil))
+	return p, err
+}
+
 // ctxWriter fails writes once ctx is done, so a signal stops a large bundle
 // mid-way instead of after it.
 type ctxWriter struct {
@@ -425,10 +484,15 @@ func (c ctxWriter) Write(p []byte) (int, error) {
 }
 
 // departed lists the bundles in out whose node the config no longer has:
-// every *.bundle file, and every SHA256SUMS line, not named for a node.
-func departed(c *render.Cluster, out string) ([]string, error) {
+// every *.bundle file, and every SHA256SUMS line, not named for a node; and
+// the image pack when the build writes none (its bundles carry their
+// images).
+func departed(c *render.Cluster, out string, pack bool) ([]string, error) {
 	var gone []string
 	isNode := func(file string) bool {
+		if file == bundle.PackFile {
+			return pack
+		}
 		name, ok := strings.CutSuffix(file, ".bundle")
 		if !ok {
 			return false
@@ -441,7 +505,7 @@ func departed(c *render.Cluster, out string) ([]string, error) {
 		return nil, fmt.Errorf("reading %s: %w", out, err)
 	}
 	for _, e := range entries {
-		if strings.HasSuffix(e.Name(), ".bundle") && e.Type().IsRegular() && !isNode(e.Name()) {
+		if (strings.HasSuffix(e.Name(), ".bundle") || e.Name() == bundle.PackFile) && e.Type().IsRegular() && !isNode(e.Name()) {
 			gone = append(gone, filepath.Join(out, e.Name()))
 		}
 	}
@@ -474,6 +538,9 @@ func swapIn(out, staging string, res *Result) error {
 	for _, b := range res.Bundles {
 		delete(interim, filepath.Base(b.Bundle))
 	}
+	if res.Pack != nil {
+		delete(interim, bundle.PackFile)
+	}
 	for _, r := range res.Removed {
 		delete(interim, filepath.Base(r))
 	}
@@ -486,6 +553,13 @@ func swapIn(out, staging string, res *Result) error {
 		if err := os.Remove(r); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("removing %s: %w", r, err)
 		}
+	}
+	if res.Pack != nil {
+		// Before the bundles that name it.
+		if err := os.Rename(filepath.Join(staging, bundle.PackFile), res.Pack.Path); err != nil {
+			return fmt.Errorf("moving %s into %s: %w", bundle.PackFile, out, err)
+		}
+		interim[bundle.PackFile] = trust.Sum{File: res.Pack.SHA256}
 	}
 	for _, b := range res.Bundles {
 		name := filepath.Base(b.Bundle)

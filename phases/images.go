@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"time"
@@ -68,6 +69,56 @@ func (r *Run) containerd(ctx context.Context, files map[string][]byte) (*contain
 	return c, nil
 }
 
+// PackPath is where a thin bundle's image pack is.
+func (o Options) PackPath() string {
+	if o.Images != "" {
+		return o.Images
+	}
+	return filepath.Join(filepath.Dir(o.Bundle), bundle.PackFile)
+}
+
+// openPack opens the image pack and checks it is the one m names, reading
+// its index only.
+func (o Options) openPack(m *bundle.Manifest) (*bundle.Pack, func(), error) {
+	path := o.PackPath()
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, &bundle.EntryError{Entry: path, Err: fmt.Errorf("opening the image pack: %w (the bundle is thin: put the build's %s beside it, or pass --images FILE)", err, bundle.PackFile)}
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("opening the image pack: %w", err)
+	}
+	var ra io.ReaderAt = f
+	if o.WrapPack != nil {
+		ra = o.WrapPack(f)
+	}
+	p, err := bundle.OpenPack(ra, fi.Size())
+	if err == nil {
+		err = p.Check(m)
+	}
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("verifying image pack %s: %w", path, err)
+	}
+	return p, func() { f.Close() }, nil
+}
+
+// VerifyPack reads this node's blobs from the pack, and nothing else of
+// it, hashing each.
+func (o Options) VerifyPack(m *bundle.Manifest) error {
+	p, done, err := o.openPack(m)
+	if err != nil {
+		return err
+	}
+	defer done()
+	if err := p.ReadBlobs(m, bundle.Visitor{}); err != nil {
+		return fmt.Errorf("verifying image pack %s: %w", o.PackPath(), err)
+	}
+	return nil
+}
+
 // runImages imports the bundle's images into containerd's k8s.io
 // namespace: blobs stream from the bundle straight into the content store
 // (those already there are skipped by digest), and only when the whole
@@ -113,12 +164,7 @@ func runImages(ctx context.Context, r *Run) error {
 	buf := make([]byte, 1<<20)
 	var imported, present int
 	var bytes int64
-	f, err := os.Open(r.Bundle)
-	if err != nil {
-		return fmt.Errorf("opening bundle: %w", err)
-	}
-	defer f.Close()
-	_, digestNow, err := bundle.Read(f, bundle.Visitor{Blob: func(b bundle.BlobEntry, rd io.Reader) error {
+	importBlob := func(b bundle.BlobEntry, rd io.Reader) error {
 		// Between two blobs is a safe point to stop at: the lease keeps
 		// what was committed until the re-run names it.
 		if err := ctx.Err(); err != nil {
@@ -161,11 +207,50 @@ func runImages(ctx context.Context, r *Run) error {
 			r.Progress(fmt.Sprintf("importing images: %d blobs, %.1f MB", imported, float64(bytes)/1e6))
 		}
 		return nil
-	},
-		// The first pass hashed every blob; containerd hashes again at
-		// commit and refuses a mismatch, so this pass need not.
-		BlobDigestsCheckedByConsumer: true,
-	})
+	}
+	// The first pass hashed every blob; containerd hashes again at commit
+	// and refuses a mismatch, so this pass need not.
+	visitor := bundle.Visitor{Blob: importBlob, BlobDigestsCheckedByConsumer: true}
+	source := r.Bundle
+	if r.Manifest.Pack != "" {
+		// Thin: the blobs come from the pack, which must still be the one
+		// the authenticated manifest names.
+		source = r.PackPath()
+		p, done, err := r.openPack(r.Manifest)
+		if err != nil {
+			return err
+		}
+		defer done()
+		err = p.ReadBlobs(r.Manifest, visitor)
+		if err := r.importErr(files, source, err); err != nil {
+			return err
+		}
+	} else {
+		f, err := os.Open(r.Bundle)
+		if err != nil {
+			return fmt.Errorf("opening bundle: %w", err)
+		}
+		defer f.Close()
+		_, digestNow, err := bundle.Read(f, visitor)
+		if err := r.importErr(files, source, err); err != nil {
+			return err
+		}
+		// The blobs were just verified against this manifest; it must be
+		// the one the first pass authenticated.
+		if digestNow != r.Digest {
+			return fmt.Errorf("verifying %s: it changed since it was first verified (manifest %s, was %s)", r.Bundle, digestNow, r.Digest)
+		}
+	}
+	if err := r.nameImages(ctx, c, files); err != nil {
+		return err
+	}
+	r.logf("  imported %d blobs (%.1f MB), %d already present; %d images named, pinned and unpacked", imported, float64(bytes)/1e6, present, len(r.Manifest.Images))
+	return nil
+}
+
+// importErr sorts an error of the import pass: containerd's (or a
+// cancelled run's) is the host's, anything else the source's.
+func (r *Run) importErr(files map[string][]byte, source string, err error) error {
 	if he := (hostError{}); errors.As(err, &he) {
 		// containerd failed (or the run was cancelled), not the bundle:
 		// the reader's EntryError around it would blame the bundle and
@@ -174,13 +259,13 @@ func runImages(ctx context.Context, r *Run) error {
 		return fmt.Errorf("importing images into containerd at %s: %w", sock, he.err)
 	}
 	if err != nil {
-		return fmt.Errorf("verifying %s: %w", r.Bundle, err)
+		return fmt.Errorf("verifying %s: %w", source, err)
 	}
-	// The blobs were just verified against this manifest; it must be the
-	// one the first pass authenticated.
-	if digestNow != r.Digest {
-		return fmt.Errorf("verifying %s: it changed since it was first verified (manifest %s, was %s)", r.Bundle, digestNow, r.Digest)
-	}
+	return nil
+}
+
+// nameImages creates, pins and unpacks the images once their blobs are in.
+func (r *Run) nameImages(ctx context.Context, c *containerd.Client, files map[string][]byte) error {
 	// Unpacking is gunzip-bound; one image per core.
 	var g errgroup.Group
 	g.SetLimit(runtime.GOMAXPROCS(0))
@@ -191,7 +276,6 @@ func runImages(ctx context.Context, r *Run) error {
 		sock, _ := r.criSocket(files)
 		return fmt.Errorf("naming and unpacking images in containerd at %s: %w", sock, err)
 	}
-	r.logf("  imported %d blobs (%.1f MB), %d already present; %d images named, pinned and unpacked", imported, float64(bytes)/1e6, present, len(r.Manifest.Images))
 	return nil
 }
 

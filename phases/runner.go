@@ -89,6 +89,11 @@ type Options struct {
 	Now                    func() time.Time
 	// Timeout bounds each wait on the cluster.
 	Timeout time.Duration
+	// Images is a thin bundle's image pack (default: images.pack beside
+	// the bundle).
+	Images string
+	// WrapPack, if set, wraps every read of the pack (tests count them).
+	WrapPack func(io.ReaderAt) io.ReaderAt
 }
 
 // Run is the typed context every phase gets.
@@ -177,6 +182,15 @@ func Apply(ctx context.Context, o Options) error {
 	plan, err := Plan(render.Role(m.Role), o.SkipPhases, o.Only)
 	if err != nil {
 		return err
+	}
+	if m.Pack != "" && slices.ContainsFunc(plan, func(p Phase) bool { return p.Name == "images" }) {
+		// Before anything is written: the pack must be this build's, and
+		// every blob this node needs intact.
+		if err := o.VerifyPack(m); err != nil {
+			staged.abandon()
+			return err
+		}
+		logf(o.Out, "pack %s: this node's %d blobs intact, bound to the bundle by its digest", o.PackPath(), len(m.Blobs))
 	}
 	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan, files: files, staged: staged}
 	if !o.DryRun {

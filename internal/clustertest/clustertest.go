@@ -81,6 +81,18 @@ func (c *Cluster) Files(t testing.TB, name string) map[string]render.File {
 // temp file and returns its path and manifest digest.
 func (c *Cluster) Bundle(t testing.TB, node string, images []bundle.Image, store bundle.BlobStore) (string, string) {
 	t.Helper()
+	return c.writeBundle(t, node, images, store, "")
+}
+
+// ThinBundle writes node's thin bundle, which names the image pack of
+// digest pack instead of carrying its images.
+func (c *Cluster) ThinBundle(t testing.TB, node string, images []bundle.Image, pack string) (string, string) {
+	t.Helper()
+	return c.writeBundle(t, node, images, nil, pack)
+}
+
+func (c *Cluster) writeBundle(t testing.TB, node string, images []bundle.Image, store bundle.BlobStore, pack string) (string, string) {
+	t.Helper()
 	n, ok := c.Node(node)
 	if !ok {
 		t.Fatalf("no node %s", node)
@@ -97,7 +109,7 @@ func (c *Cluster) Bundle(t testing.TB, node string, images []bundle.Image, store
 	defer f.Close()
 	_, digest, err := bundle.Write(f, bundle.Contents{
 		Cluster: c.Name, Node: node, Role: string(n.Role), KubernetesVersion: c.KubernetesVersion,
-		BuildTime: Now, Files: files, Images: images,
+		BuildTime: Now, Files: files, Images: images, Pack: pack,
 	}, store)
 	if err != nil {
 		t.Fatal(err)
