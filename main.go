@@ -34,6 +34,7 @@ type CLI struct {
 	Verify  VerifyCmd  `cmd:"" help:"Check every byte of a bundle against its manifest."`
 	Apply   ApplyCmd   `cmd:"" help:"Verify a bundle and bring this host up as its node."`
 	Reset   ResetCmd   `cmd:"" help:"Undo apply on this host (best effort, like kubeadm reset)."`
+	Status  StatusCmd  `cmd:"" help:"List this host's certificates and kubeconfig client certificates with their expiry."`
 	Images  ImagesCmd  `cmd:"" help:"Container images of the cluster."`
 	Media   MediaCmd   `cmd:"" help:"Write install media (ISO, USB image, cloud-init seed) from built bundles."`
 	Version VersionCmd `cmd:"" help:"Print the airadm and pinned Kubernetes versions."`
