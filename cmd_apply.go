@@ -7,7 +7,9 @@ import (
 	"strings"
 	"time"
 
+	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/phases"
+	"airadm.dev/airadm/trust"
 )
 
 // ApplyCmd runs a bundle's phases on this host. `apply BUNDLE` runs them
@@ -57,7 +59,7 @@ func (cmd *ApplyCmd) Run(env *Env) error {
 	if _, err := phases.Plan("control-plane", cmd.SkipPhases, only); err != nil {
 		return usageError{err}
 	}
-	v, err := cmd.vouch(path)
+	v, err := cmd.vouch(path, hostfs.Path(cmd.Root, trust.TrustedKeysPath))
 	if err != nil {
 		return err
 	}
@@ -65,7 +67,7 @@ func (cmd *ApplyCmd) Run(env *Env) error {
 		fmt.Fprintf(env.Stderr, "warning: %s is checked for integrity only: %s\n", path, v.Why)
 	}
 	return apply(phases.Options{
-		Bundle: path, ManifestDigest: v.ManifestDigest, FileSHA256: v.FileSHA256, AuthenticatedBy: v.From, Root: cmd.Root, DryRun: cmd.DryRun, Node: cmd.Node,
+		Bundle: path, ManifestDigest: v.ManifestDigest, FileSHA256: v.FileSHA256, AuthenticatedBy: v.From, SignedBy: v.SignedBy, SignerTrusted: v.SignerTrusted, Root: cmd.Root, DryRun: cmd.DryRun, Node: cmd.Node,
 		SkipPhases: cmd.SkipPhases, Only: only,
 		IgnorePreflight: cmd.IgnorePreflightErrors, Out: env.Stdout, Now: env.Now,
 		CRISocket: cmd.CRISocket, ContainerdConfig: cmd.ContainerdConfig, Kubelet: cmd.Kubelet, KubeletBinary: cmd.KubeletBinary,

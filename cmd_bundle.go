@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/crypto/ssh"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"airadm.dev/airadm/build"
@@ -22,13 +23,15 @@ import (
 // BuildCmd renders, pulls and writes one bundle per node.
 type BuildCmd struct {
 	configFlag
-	Out   string   `short:"o" default:"out" help:"Directory for <node>.bundle and SHA256SUMS."`
-	Cache string   `help:"Content-addressed cache of image blobs and host files, shared by all builds (default: the user cache directory)."`
-	Jobs  int      `default:"4" help:"Concurrent image transfers (at least 1)."`
-	JSON  bool     `name:"json" help:"Print the bundles as a JSON array."`
-	Renew bool     `help:"Reissue every leaf and kubeconfig client certificate, not only those within pki.renew_before of expiry (CAs, the service-account key and tokens are kept)."`
-	Pack  bool     `help:"Write every image once, to images.pack, and thin bundles that name it (for fleets; default: self-contained bundles)."`
-	Nodes []string `arg:"" optional:"" help:"Nodes to build (default: all, removing the bundles of nodes no longer in the config)."`
+	Out   string `short:"o" default:"out" help:"Directory for <node>.bundle and SHA256SUMS."`
+	Cache string `help:"Content-addressed cache of image blobs and host files, shared by all builds (default: the user cache directory)."`
+	Jobs  int    `default:"4" help:"Concurrent image transfers (at least 1)."`
+	JSON  bool   `name:"json" help:"Print the bundles as a JSON array."`
+	Renew bool   `help:"Reissue every leaf and kubeconfig client certificate, not only those within pki.renew_before of expiry (CAs, the service-account key and tokens are kept)."`
+	// SignKey is read before anything is built, so a wrong key costs nothing.
+	SignKey string   `type:"path" placeholder:"FILE" help:"Sign SHA256SUMS with this OpenSSH ed25519 private key, writing SHA256SUMS.sig (ssh-keygen -Y sign format, namespace airadm)."`
+	Pack    bool     `help:"Write every image once, to images.pack, and thin bundles that name it (for fleets; default: self-contained bundles)."`
+	Nodes   []string `arg:"" optional:"" help:"Nodes to build (default: all, removing the bundles of nodes no longer in the config)."`
 }
 
 func (cmd *BuildCmd) Validate() error {
@@ -62,6 +65,12 @@ func (cmd *BuildCmd) Run(env *Env) error {
 		}
 		buildTime = time.Unix(secs, 0).UTC()
 	}
+	var signer ssh.Signer
+	if cmd.SignKey != "" {
+		if signer, err = trust.LoadSigner(cmd.SignKey); err != nil {
+			return usageError{err}
+		}
+	}
 	cacheDir := cmd.Cache
 	if cacheDir == "" {
 		if cacheDir, err = defaultCacheDir(); err != nil {
@@ -73,7 +82,7 @@ func (cmd *BuildCmd) Run(env *Env) error {
 	progress := newProgress(env)
 	res, err := build.Run(ctx, build.Options{
 		ConfigPath: cmd.Config, Cluster: c, Out: cmd.Out, CacheDir: cacheDir, Jobs: cmd.Jobs, Nodes: cmd.Nodes,
-		Renew: cmd.Renew, BuildTime: buildTime, Now: env.Now, Rand: env.Rand,
+		Renew: cmd.Renew, BuildTime: buildTime, Now: env.Now, Rand: env.Rand, Signer: signer,
 		Log:      func(line string) { progress.done(); fmt.Fprintln(env.Stderr, line) },
 		Progress: progress.pull,
 		Pack:     cmd.Pack,
@@ -96,14 +105,20 @@ func (cmd *BuildCmd) Run(env *Env) error {
 
 // authFlags choose what must vouch for a bundle.
 type authFlags struct {
-	ManifestDigest       string `help:"Manifest digest (sha256:<hex> or <hex>) to authenticate the bundle against (default: SHA256SUMS beside it)."`
-	AllowUnauthenticated bool   `help:"Accept a bundle that nothing vouches for (no SHA256SUMS line, no --manifest-digest), checking its integrity only."`
+	ManifestDigest       string   `help:"Manifest digest (sha256:<hex> or <hex>) to authenticate the bundle against (default: SHA256SUMS beside it)."`
+	AllowUnauthenticated bool     `help:"Accept a bundle that nothing vouches for (no SHA256SUMS line, no --manifest-digest), checking its integrity only. Not with a trusted key."`
+	TrustKey             []string `name:"trust-key" type:"path" placeholder:"FILE" help:"Trust builds signed by the keys in FILE (an OpenSSH public key or allowed_signers lines; repeatable), besides those in /etc/airadm/trusted-keys. With any key trusted, SHA256SUMS must carry a valid SHA256SUMS.sig by one of them."`
 }
 
 // vouch finds what vouches for the bundle, refusing an unauthenticated
-// bundle unless that was allowed.
-func (f authFlags) vouch(path string) (trust.Vouch, error) {
-	v, err := trust.Find(path, f.ManifestDigest)
+// bundle unless that was allowed. hostKeys is the host's trusted-keys
+// file, which may be absent.
+func (f authFlags) vouch(path, hostKeys string) (trust.Vouch, error) {
+	keys, err := trust.LoadKeys(f.TrustKey, hostKeys)
+	if err != nil {
+		return trust.Vouch{}, usageError{err}
+	}
+	v, err := trust.Find(path, f.ManifestDigest, keys)
 	if err != nil {
 		return v, usageError{err}
 	}
@@ -122,7 +137,7 @@ type VerifyCmd struct {
 }
 
 func (cmd *VerifyCmd) Run(env *Env) error {
-	v, err := cmd.vouch(cmd.Bundle)
+	v, err := cmd.vouch(cmd.Bundle, trust.TrustedKeysPath)
 	if err != nil {
 		return err
 	}
@@ -149,6 +164,7 @@ func (cmd *VerifyCmd) Run(env *Env) error {
 			"bundle": cmd.Bundle, "ok": true, "cluster": m.Cluster, "node": m.Node, "role": m.Role,
 			"files": len(m.Files), "images": len(m.Images), "blobs": len(m.Blobs),
 			"pack": pack, "authenticatedBy": v.From, "fileSHA256Checked": v.FileSHA256 != "", "manifestDigestChecked": v.ManifestDigest != "",
+			"signedBy": v.SignedBy, "signerTrusted": v.SignerTrusted,
 		})
 	}
 	in := ""

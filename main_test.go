@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"crypto/rand"
+	"errors"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -66,6 +68,18 @@ func TestScript(t *testing.T) {
 				}
 				b[i] ^= 0x01
 				ts.Check(os.WriteFile(ts.MkAbs(args[1]), b, 0o644))
+			},
+			// exit2 PROG ARGS...: PROG exits with status 2, bad input;
+			// stdout and stderr are kept for the next commands.
+			"exit2": func(ts *testscript.TestScript, neg bool, args []string) {
+				if neg || len(args) == 0 {
+					ts.Fatalf("usage: exit2 PROG ARGS...")
+				}
+				err := ts.Exec(args[0], args[1:]...)
+				var ee *exec.ExitError
+				if !errors.As(err, &ee) || ee.ExitCode() != 2 {
+					ts.Fatalf("%s: want exit status 2, got %v", args[0], err)
+				}
 			},
 			// truncate SRC LEN DST: DST is the first LEN bytes of SRC.
 			"truncate": func(ts *testscript.TestScript, neg bool, args []string) {

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"golang.org/x/crypto/ssh"
 	"golang.org/x/sys/unix"
 
 	"airadm.dev/airadm/atomicfile"
@@ -63,6 +64,9 @@ type Options struct {
 	Log func(string)
 	// Progress, if set, follows the image pull.
 	Progress func(bundle.Progress)
+	// Signer, if set, signs SHA256SUMS into SHA256SUMS.sig (trust.Sign);
+	// without it, a SHA256SUMS.sig left by an earlier build is removed.
+	Signer ssh.Signer
 	// HTTPClient fetches [host] sources given as URLs; nil means Go's
 	// defaults (the system trust store, the environment's proxy).
 	HTTPClient *http.Client
@@ -257,8 +261,12 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	// From here on the build finishes whatever happens to ctx: the swap is
 	// a few renames, and stopping half-way would only leave more to explain.
-	if err := swapIn(o.Out, staging, res); err != nil {
+	hadSig, err := swapIn(o.Out, staging, res, o.Signer)
+	if err != nil {
 		return nil, err
+	}
+	if hadSig && o.Signer == nil {
+		o.log("removed %s: this build is not signed (pass --sign-key to sign it)", filepath.Join(o.Out, trust.SigFile))
 	}
 	for _, r := range res.Removed {
 		if filepath.Base(r) == bundle.PackFile {
@@ -525,14 +533,24 @@ func departed(c *render.Cluster, out string, pack bool) ([]string, error) {
 // swapIn moves the staged bundles into out and removes departed ones,
 // keeping SHA256SUMS true at every instant: first it drops the lines of
 // every file about to change, then it moves the files, then it adds the new
-// lines.
-func swapIn(out, staging string, res *Result) error {
+// lines. SHA256SUMS.sig goes first, since any change to SHA256SUMS breaks
+// it, and a new one is written last, over the final SHA256SUMS: in between,
+// a host that trusts a key refuses the bundles as unsigned rather than as
+// tampered with. It reports whether there was a signature to remove.
+func swapIn(out, staging string, res *Result, signer ssh.Signer) (bool, error) {
 	path := filepath.Join(out, trust.SumsFile)
+	sigPath := filepath.Join(out, trust.SigFile)
+	hadSig := false
+	if err := os.Remove(sigPath); err == nil {
+		hadSig = true
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return false, fmt.Errorf("removing %s: %w", sigPath, err)
+	}
 	sums, err := trust.ReadSums(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		sums = trust.Sums{}
 	} else if err != nil {
-		return err
+		return hadSig, err
 	}
 	interim := sums.Clone()
 	for _, b := range res.Bundles {
@@ -546,32 +564,42 @@ func swapIn(out, staging string, res *Result) error {
 	}
 	if len(interim) != len(sums) {
 		if err := interim.Write(path); err != nil {
-			return err
+			return hadSig, err
 		}
 	}
 	for _, r := range res.Removed {
 		if err := os.Remove(r); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("removing %s: %w", r, err)
+			return hadSig, fmt.Errorf("removing %s: %w", r, err)
 		}
 	}
 	if res.Pack != nil {
 		// Before the bundles that name it.
 		if err := os.Rename(filepath.Join(staging, bundle.PackFile), res.Pack.Path); err != nil {
-			return fmt.Errorf("moving %s into %s: %w", bundle.PackFile, out, err)
+			return hadSig, fmt.Errorf("moving %s into %s: %w", bundle.PackFile, out, err)
 		}
 		interim[bundle.PackFile] = trust.Sum{File: res.Pack.SHA256}
 	}
 	for _, b := range res.Bundles {
 		name := filepath.Base(b.Bundle)
 		if err := os.Rename(filepath.Join(staging, name), b.Bundle); err != nil {
-			return fmt.Errorf("moving %s into %s: %w", name, out, err)
+			return hadSig, fmt.Errorf("moving %s into %s: %w", name, out, err)
 		}
 		interim[name] = trust.Sum{File: b.SHA256, Manifest: b.ManifestDigest}
 	}
 	if err := atomicfile.SyncDir(out); err != nil {
-		return err
+		return hadSig, err
 	}
-	return interim.Write(path)
+	if err := interim.Write(path); err != nil {
+		return hadSig, err
+	}
+	if signer == nil || len(interim) == 0 {
+		return hadSig, nil
+	}
+	sig, err := trust.Sign(interim.Encode(), signer)
+	if err != nil {
+		return hadSig, err
+	}
+	return hadSig, atomicfile.Write(sigPath, sig, 0o644)
 }
 
 // removeStale removes what an interrupted build left: staging directories

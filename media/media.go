@@ -134,7 +134,7 @@ func Open(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Sour
 const tooLargeHint = "write an ISO instead (airadm media iso), which has no such limit, or build that node's bundle smaller (fewer [images] extra or [host] files)"
 
 func (b *Bundle) verify(cluster string) error {
-	v, err := trust.Find(b.Path, "")
+	v, err := trust.Find(b.Path, "", nil)
 	if err != nil {
 		return &InputError{err}
 	}

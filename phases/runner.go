@@ -69,6 +69,10 @@ type Options struct {
 	ManifestDigest  string
 	FileSHA256      string
 	AuthenticatedBy string
+	// SignedBy and SignerTrusted say who signed the SHA256SUMS that
+	// vouched, for the log (trust.Vouch).
+	SignedBy        string
+	SignerTrusted   bool
 	Root            string // "/" on a real host
 	DryRun          bool
 	SkipPhases      []string
@@ -164,7 +168,7 @@ func Apply(ctx context.Context, o Options) error {
 	if o.Timeout == 0 {
 		o.Timeout = 4 * time.Minute
 	}
-	vouch := trust.Vouch{ManifestDigest: o.ManifestDigest, FileSHA256: o.FileSHA256, From: o.AuthenticatedBy}
+	vouch := trust.Vouch{ManifestDigest: o.ManifestDigest, FileSHA256: o.FileSHA256, From: o.AuthenticatedBy, SignedBy: o.SignedBy, SignerTrusted: o.SignerTrusted}
 	if vouch.From == "" {
 		vouch.From = "the caller"
 	}

@@ -79,25 +79,25 @@ func TestFind(t *testing.T) {
 	path := filepath.Join(dir, "cp1.bundle")
 	os.WriteFile(path, b, 0o600)
 
-	v, err := Find(path, "")
+	v, err := Find(path, "", nil)
 	if err != nil || v.Authenticated() || !strings.Contains(v.Why, "no SHA256SUMS beside the bundle") {
 		t.Errorf("no SHA256SUMS: %+v, %v", v, err)
 	}
 	Sums{"w1.bundle": {File: fileHex}}.Write(filepath.Join(dir, SumsFile))
-	v, _ = Find(path, "")
+	v, _ = Find(path, "", nil)
 	if v.Authenticated() || !strings.Contains(v.Why, "has no line for cp1.bundle (it lists w1.bundle)") {
 		t.Errorf("no line: %+v", v)
 	}
 	Sums{"cp1.bundle": {File: fileHex, Manifest: d}}.Write(filepath.Join(dir, SumsFile))
-	v, _ = Find(path, "")
+	v, _ = Find(path, "", nil)
 	if v.FileSHA256 != fileHex || v.ManifestDigest != d || v.From != filepath.Join(dir, SumsFile) {
 		t.Errorf("line: %+v", v)
 	}
-	v, _ = Find(path, strings.TrimPrefix(d, "sha256:"))
+	v, _ = Find(path, strings.TrimPrefix(d, "sha256:"), nil)
 	if v.ManifestDigest != d || v.FileSHA256 != "" || v.From != "--manifest-digest" {
 		t.Errorf("flag wins over SHA256SUMS: %+v", v)
 	}
-	if _, err := Find(path, "sha256:nope"); err == nil {
+	if _, err := Find(path, "sha256:nope", nil); err == nil {
 		t.Error("a malformed digest was accepted")
 	}
 }

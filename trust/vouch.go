@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -34,6 +35,10 @@ type Vouch struct {
 	// Why explains, when nothing vouches, what was looked at and why it
 	// does not vouch for this file.
 	Why string
+	// SignedBy names the key whose valid signature covers SHA256SUMS, if
+	// any; SignerTrusted says whether that key is one the caller trusts.
+	SignedBy      string
+	SignerTrusted bool
 }
 
 // Authenticated reports whether anything vouches for the bundle.
@@ -51,7 +56,14 @@ func (v Vouch) Describe() string {
 	if v.ManifestDigest != "" {
 		what = append(what, "manifest digest")
 	}
-	return fmt.Sprintf("authenticated by %s (%s)", v.From, strings.Join(what, " and "))
+	out := fmt.Sprintf("authenticated by %s (%s)", v.From, strings.Join(what, " and "))
+	switch {
+	case v.SignerTrusted:
+		out += ", signed by trusted key " + v.SignedBy
+	case v.SignedBy != "":
+		out += ", signed by " + v.SignedBy + " (no key is trusted, so the signature vouches for nothing more: pass --trust-key)"
+	}
+	return out
 }
 
 // ParseDigest accepts a manifest digest as "sha256:<hex>" or bare hex and
@@ -68,9 +80,17 @@ func ParseDigest(s string) (string, error) {
 }
 
 // Find works out what vouches for the bundle at path: the digest given on
-// the command line (flag, may be empty), else SHA256SUMS beside the bundle.
-// An unreadable SHA256SUMS, other than a missing one, is an error.
-func Find(path, flag string) (Vouch, error) {
+// the command line (flag, may be empty), else SHA256SUMS beside the bundle,
+// checked against SHA256SUMS.sig when there is one. An unreadable
+// SHA256SUMS, other than a missing one, is an error.
+//
+// With keys, only a SHA256SUMS signed by one of them vouches: a missing,
+// damaged or untrusted signature, or a signed SHA256SUMS without a line for
+// the bundle, is an error wrapping ErrSignature, never "unauthenticated".
+// Without keys a signature is still checked against the key it names, so a
+// damaged one is refused too. The digest given on the command line needs no
+// signature: the operator typed it.
+func Find(path, flag string, keys Keyring) (Vouch, error) {
 	if flag != "" {
 		d, err := ParseDigest(flag)
 		if err != nil {
@@ -79,23 +99,50 @@ func Find(path, flag string) (Vouch, error) {
 		return Vouch{ManifestDigest: d, From: "--manifest-digest"}, nil
 	}
 	sumsPath := filepath.Join(filepath.Dir(path), SumsFile)
-	sums, err := ReadSums(sumsPath)
+	sigPath := sumsPath + ".sig"
+	raw, err := os.ReadFile(sumsPath)
 	if errors.Is(err, fs.ErrNotExist) {
+		if len(keys) > 0 {
+			return Vouch{}, fmt.Errorf("authenticating %s: no %s beside it, so nothing signed vouches for it, and %d signing keys are trusted: %w", path, SumsFile, len(keys), ErrSignature)
+		}
 		return Vouch{Why: fmt.Sprintf("no %s beside the bundle and no --manifest-digest", SumsFile)}, nil
 	}
 	if err != nil {
-		return Vouch{}, err
+		return Vouch{}, fmt.Errorf("reading %s: %w", sumsPath, err)
 	}
+	var v Vouch
+	sig, err := os.ReadFile(sigPath)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if len(keys) > 0 {
+			return Vouch{}, fmt.Errorf("authenticating %s: %s is not signed (no %s beside it) and %d signing keys are trusted: %w", path, sumsPath, SigFile, len(keys), ErrSignature)
+		}
+	case err != nil:
+		return Vouch{}, fmt.Errorf("reading %s: %w", sigPath, err)
+	default:
+		by, err := CheckSignature(raw, sig, keys)
+		if err != nil {
+			return Vouch{}, fmt.Errorf("authenticating %s: %w", path, err)
+		}
+		v.SignedBy, v.SignerTrusted = by, len(keys) > 0
+	}
+	sums := ParseSums(string(raw))
 	name := filepath.Base(path)
 	s, ok := sums[name]
 	if !ok {
 		listed := sums.Names()
 		if len(listed) == 0 {
-			return Vouch{Why: fmt.Sprintf("%s lists no files", sumsPath)}, nil
+			v.Why = fmt.Sprintf("%s lists no files", sumsPath)
+		} else {
+			v.Why = fmt.Sprintf("%s has no line for %s (it lists %s); a renamed bundle must keep its built name", sumsPath, name, strings.Join(listed, ", "))
 		}
-		return Vouch{Why: fmt.Sprintf("%s has no line for %s (it lists %s); a renamed bundle must keep its built name", sumsPath, name, strings.Join(listed, ", "))}, nil
+		if len(keys) > 0 {
+			return Vouch{}, fmt.Errorf("authenticating %s: %s: %w", path, v.Why, ErrSignature)
+		}
+		return v, nil
 	}
-	return Vouch{ManifestDigest: s.Manifest, FileSHA256: s.File, From: sumsPath}, nil
+	v.ManifestDigest, v.FileSHA256, v.From = s.Manifest, s.File, sumsPath
+	return v, nil
 }
 
 // Verify reads the whole bundle through the verifying reader, hashing every
