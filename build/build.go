@@ -186,13 +186,16 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Each node's files are rendered when its bundle is written, so that a
+	// fleet's are never all in memory at once; a failure there still leaves
+	// the output as it was (the staging directory goes).
 	rendered := map[string][]render.File{}
-	for _, n := range nodes {
-		if rendered[n], err = render.NodeFiles(c, s, n); err != nil {
-			return nil, err
-		}
-	}
 	if !full {
+		for _, n := range nodes {
+			if rendered[n], err = render.NodeFiles(c, s, n); err != nil {
+				return nil, err
+			}
+		}
 		extra, absent, err := staleControlPlanes(c, s, o.Out, nodes, rendered)
 		if err != nil {
 			return nil, err
@@ -237,9 +240,16 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	for _, name := range nodes {
 		n, _ := c.Node(name)
+		files := rendered[name]
+		if files == nil {
+			if files, err = render.NodeFiles(c, s, name); err != nil {
+				return nil, err
+			}
+		}
+		delete(rendered, name)
 		contents := bundle.Contents{
 			Cluster: c.Name, Node: name, Role: string(n.Role), KubernetesVersion: c.KubernetesVersion,
-			BuildTime: o.BuildTime, Files: rendered[name], StoredFiles: host[n.Role], Pack: packDigest,
+			BuildTime: o.BuildTime, Files: files, StoredFiles: host[n.Role], Pack: packDigest,
 		}
 		for _, r := range c.NodeImages(n) {
 			contents.Images = append(contents.Images, byRef[r])
@@ -258,6 +268,9 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("building: %w", err)
+	}
+	if err := syncStaging(staging); err != nil {
+		return nil, err
 	}
 	// From here on the build finishes whatever happens to ctx: the swap is
 	// a few renames, and stopping half-way would only leave more to explain.
@@ -447,8 +460,9 @@ func bundledFileDigest(bundlePath, path string) (string, bool) {
 func writeBundle(ctx context.Context, path string, contents bundle.Contents, cache *bundle.Cache) (Bundle, error) {
 	var b Bundle
 	whole := sha256.New()
-	err := atomicfile.WriteFrom(path, 0o600, func(w io.Writer) error {
-		bw := bufio.NewWriterSize(io.MultiWriter(ctxWriter{ctx, w}, whole), 1<<20)
+	err := writeStaged(path, 0o600, func(w io.Writer) error {
+		// Small: large blobs pass through it whole.
+		bw := bufio.NewWriterSize(io.MultiWriter(ctxWriter{ctx, w}, whole), 64<<10)
 		_, d, err := bundle.Write(bw, contents, cache)
 		if err != nil {
 			return err
@@ -464,7 +478,7 @@ func writeBundle(ctx context.Context, path string, contents bundle.Contents, cac
 func writePack(ctx context.Context, path string, images []bundle.Image, cache *bundle.Cache) (Pack, error) {
 	var p Pack
 	whole := sha256.New()
-	err := atomicfile.WriteFrom(path, 0o644, func(w io.Writer) error {
+	err := writeStaged(path, 0o644, func(w io.Writer) error {
 		bw := bufio.NewWriterSize(io.MultiWriter(ctxWriter{ctx, w}, whole), 1<<20)
 		_, d, err := bundle.WritePack(bw, images, cache)
 		if err != nil {
@@ -475,6 +489,40 @@ func writePack(ctx context.Context, path string, images []bundle.Image, cache *b
 	})
 	p.SHA256 = hex.EncodeToString(whole.Sum(nil))
 	return p, err
+}
+
+// writeStaged creates a file in the staging directory, which no one else
+// reads and an interrupted build discards, so neither a temp name nor a
+// sync is needed: syncStaging makes all of them durable at once before they
+// move in. (One fsync per bundle would make a fleet's build wait on the disk
+// a thousand times.)
+func writeStaged(path string, perm fs.FileMode, fill func(io.Writer) error) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, perm)
+	if err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := fill(f); err != nil {
+		f.Close()
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	return nil
+}
+
+// syncStaging makes every file written in the staging directory durable
+// with one syncfs, before the swap renames them into place.
+func syncStaging(staging string) error {
+	d, err := os.Open(staging)
+	if err != nil {
+		return fmt.Errorf("syncing %s: %w", staging, err)
+	}
+	defer d.Close()
+	if err := unix.Syncfs(int(d.Fd())); err != nil {
+		return fmt.Errorf("syncing %s: %w", staging, err)
+	}
+	return nil
 }
 
 // ctxWriter fails writes once ctx is done, so a signal stops a large bundle

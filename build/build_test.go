@@ -30,7 +30,12 @@ func TestMain(m *testing.M) {
 	if cfg := os.Getenv("AIRADM_TEST_BUILD_CHILD"); cfg != "" {
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		secs, _ := strconv.ParseInt(os.Getenv("AIRADM_TEST_BUILD_TIME"), 10, 64)
-		_, err := quickBuild(ctx, cfg, os.Getenv("AIRADM_TEST_BUILD_OUT"), time.Unix(secs, 0))
+		var err error
+		if os.Getenv("AIRADM_TEST_BUILD_PACK") != "" {
+			_, err = packRun(ctx, cfg, os.Getenv("AIRADM_TEST_BUILD_OUT"), time.Unix(secs, 0))
+		} else {
+			_, err = quickBuild(ctx, cfg, os.Getenv("AIRADM_TEST_BUILD_OUT"), time.Unix(secs, 0))
+		}
 		stop()
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)

@@ -215,17 +215,21 @@ type hashPipe struct {
 
 const pipeChunk = 1 << 20
 
+// newHashPipe makes a pipe whose buffers are allocated at its first copy:
+// a bundle without blobs (a thin worker's) never pays for them.
 func newHashPipe() *hashPipe {
-	p := &hashPipe{free: make(chan []byte, 3)}
-	for i := 0; i < cap(p.free); i++ {
-		p.free <- make([]byte, pipeChunk)
-	}
-	return p
+	return &hashPipe{}
 }
 
 // copy copies r to w, feeding the same bytes to sum, and returns how many
 // bytes it copied. Every buffer is back in the pool when it returns.
 func (p *hashPipe) copy(w io.Writer, r io.Reader, sum hash.Hash) (int64, error) {
+	if p.free == nil {
+		p.free = make(chan []byte, 3)
+		for i := 0; i < cap(p.free); i++ {
+			p.free <- make([]byte, pipeChunk)
+		}
+	}
 	work := make(chan []byte, cap(p.free))
 	done := make(chan struct{})
 	go func() {
