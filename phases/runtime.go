@@ -67,6 +67,12 @@ func runRuntime(ctx context.Context, r *Run) error {
 			persist = append(persist, hostFile{render.ContainerdUnitFile, unit})
 		}
 	}
+	// Under systemd the kubelet unit starts /usr/bin/kubelet: a bundle
+	// that carries kubelet elsewhere gets a drop-in naming it (whatever
+	// the mode: the unit is installed either way).
+	if kb := r.bundledKubelet(); kb != "" && kb != render.KubeletBinary {
+		persist = append(persist, hostFile{render.KubeletBinaryDropInFile, render.KubeletBinaryDropIn(kb)})
+	}
 	if !r.DryRun {
 		paths := make([]string, 0, len(persist))
 		for _, p := range persist {
@@ -230,6 +236,17 @@ func (r *Run) kernel(fix bool) []kernelResult {
 // carries, or "".
 func (r *Run) bundledContainerd() string {
 	for _, p := range render.ContainerdBinaries() {
+		if r.manifestHas(p) {
+			return p
+		}
+	}
+	return ""
+}
+
+// bundledKubelet is the host path of the kubelet the bundle carries, or
+// "".
+func (r *Run) bundledKubelet() string {
+	for _, p := range render.KubeletBinaries() {
 		if r.manifestHas(p) {
 			return p
 		}

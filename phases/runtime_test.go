@@ -348,7 +348,8 @@ exit 0
 // TestRuntimePhaseSystemd runs the systemd path (a fake systemctl that
 // starts the unit's ExecStart): the upstream unit is installed pointing at
 // the bundle's containerd (here /usr/bin/containerd, not upstream's
-// /usr/local/bin), enabled and started; a re-run finds it active and
+// /usr/local/bin), enabled and started, and a drop-in points the kubelet
+// unit at the bundle's /usr/local/bin/kubelet; a re-run finds it active and
 // starts nothing. Under the live lock, like TestRuntimePhase.
 func TestRuntimePhaseSystemd(t *testing.T) {
 	dir, err := os.MkdirTemp("", "rts-")
@@ -374,6 +375,9 @@ func TestRuntimePhaseSystemd(t *testing.T) {
 	sources := runtimeSources(t)
 	sources["/usr/bin/containerd"] = sources["/usr/local/bin/containerd"]
 	delete(sources, "/usr/local/bin/containerd")
+	// kubelet where upstream's package-less install puts it; nothing runs
+	// it here, so a small binary stands in.
+	sources["/usr/local/bin/kubelet"] = sources["/opt/cni/bin/loopback"]
 	c := clustertest.New(t, runtimeConfig(t, dir, sources, ""))
 	path, digest := runtimeBundle(t, c, sources)
 	o := phases.Options{Bundle: path, ManifestDigest: digest, Root: dir, Node: "w1",
@@ -388,6 +392,13 @@ func TestRuntimePhaseSystemd(t *testing.T) {
 	unit, err := os.ReadFile(hostfs.Path(dir, render.ContainerdUnitFile))
 	if err != nil || !bytes.Contains(unit, []byte("\nExecStart=/usr/bin/containerd\n")) || !bytes.Contains(unit, []byte("Delegate=yes")) {
 		t.Errorf("installed unit (%v) does not start the bundle's /usr/bin/containerd:\n%s", err, unit)
+	}
+	dropIn, err := os.ReadFile(hostfs.Path(dir, render.KubeletBinaryDropInFile))
+	if err != nil || !bytes.Contains(dropIn, []byte("\nExecStart=\nExecStart=/usr/local/bin/kubelet $KUBELET_KUBECONFIG_ARGS")) {
+		t.Errorf("no drop-in (%v) points the kubelet unit at the bundle's /usr/local/bin/kubelet:\n%s", err, dropIn)
+	}
+	if j, err := phases.LoadJournal(dir); err != nil || !slices.Contains(j.Files, render.KubeletBinaryDropInFile) {
+		t.Errorf("the journal (%v) lacks the kubelet drop-in, so reset would leave it", err)
 	}
 	calls, _ := os.ReadFile(filepath.Join(fake, "calls"))
 	if want := "daemon-reload\nenable containerd\nis-active --quiet containerd\nstart containerd\n"; string(calls) != want {

@@ -25,7 +25,27 @@ const (
 	KubeletKubeconfig         = KubernetesDir + "/kubelet.conf"
 	BootstrapKubeconfig       = KubernetesDir + "/bootstrap-kubelet.conf"
 	KubeletBinary             = "/usr/bin/kubelet"
+	// KubeletBinaryDropInFile points the kubelet unit at the bundle's
+	// kubelet when the bundle carries it elsewhere than KubeletBinary,
+	// where the packaged unit and drop-in look for it.
+	KubeletBinaryDropInFile = "/etc/systemd/system/kubelet.service.d/20-airadm-kubelet-binary.conf"
 )
+
+// KubeletBinaries are the paths where a bundle's kubelet may lie: the
+// packages' /usr/bin, or /usr/local/bin as upstream's instructions for
+// installing without a package manager put it.
+func KubeletBinaries() []string { return []string{KubeletBinary, "/usr/local/bin/kubelet"} }
+
+// KubeletBinaryDropIn is the drop-in that starts bin instead of
+// /usr/bin/kubelet, with the packaged drop-in's command line. It sorts
+// after 10-kubeadm.conf, so its empty ExecStart= clears that one's.
+func KubeletBinaryDropIn(bin string) []byte {
+	return fmt.Appendf(nil, `# Written by airadm apply: the bundle carries kubelet at %s.
+[Service]
+ExecStart=
+ExecStart=%s $KUBELET_KUBECONFIG_ARGS $KUBELET_CONFIG_ARGS $KUBELET_KUBEADM_ARGS $KUBELET_EXTRA_ARGS
+`, bin, bin)
+}
 
 // KubeletConfiguration is kubeadmKubeletConfiguration with [kubelet.config]
 // and then the node's kubelet_config merged over it. The merge goes through
