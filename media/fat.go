@@ -107,10 +107,7 @@ func WriteFAT(path string, t Tree, o FATOptions) error {
 		if err != nil {
 			return fmt.Errorf("creating the FAT32 filesystem: %w", err)
 		}
-		if err := fillFAT(fsys, t, o.Label, epoch); err != nil {
-			return err
-		}
-		return unchanged(t)
+		return fillFAT(fsys, t, o.Label, epoch)
 	})
 }
 
@@ -126,7 +123,6 @@ func fillFAT(fsys filesystem.FileSystem, t Tree, label string, epoch time.Time) 
 		return fmt.Errorf("setting the label's time: %w", err)
 	}
 	dirs := map[string]bool{}
-	buf := make([]byte, 16*mib)
 	for _, f := range t {
 		p := "/" + f.Path
 		if d := path.Dir(p); d != "/" && !dirs[d] {
@@ -135,7 +131,7 @@ func fillFAT(fsys filesystem.FileSystem, t Tree, label string, epoch time.Time) 
 			}
 			dirs[d] = true
 		}
-		if err := writeFATFile(fsys, p, f, buf); err != nil {
+		if err := writeFATFile(fsys, p, f); err != nil {
 			return fmt.Errorf("writing %s: %w", p, err)
 		}
 		if err := fsys.Chtimes(p, epoch, epoch, epoch); err != nil {
@@ -152,9 +148,10 @@ func fillFAT(fsys filesystem.FileSystem, t Tree, label string, epoch time.Time) 
 	return nil
 }
 
-// writeFATFile writes in large chunks: go-diskfs walks the file's cluster
-// chain on every Write.
-func writeFATFile(fsys filesystem.FileSystem, p string, f File, buf []byte) error {
+// writeFATFile writes in large chunks, since go-diskfs walks the file's
+// cluster chain on every Write, and checks a copied file's sha256 in the
+// same pass (see copyInto).
+func writeFATFile(fsys filesystem.FileSystem, p string, f File) error {
 	out, err := fsys.OpenFile(p, os.O_CREATE|os.O_RDWR)
 	if err != nil {
 		return err
@@ -164,13 +161,7 @@ func writeFATFile(fsys filesystem.FileSystem, p string, f File, buf []byte) erro
 		_, err := out.Write(f.Data)
 		return err
 	}
-	in, err := os.Open(f.From)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	_, err = io.CopyBuffer(struct{ io.Writer }{out}, struct{ io.Reader }{in}, buf)
-	return err
+	return copyInto(out, f)
 }
 
 // fatSize is a filesystem size that holds t: every file rounded up to the

@@ -1,12 +1,15 @@
 package media
 
 import (
+	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"syscall"
 	"time"
 
@@ -39,9 +42,14 @@ type ISOOptions struct {
 // long names) and Joliet (long names for Windows), atomically: a failure
 // leaves nothing at path. The image is 0600, as the bundles it carries.
 //
-// go-diskfs builds the image from a workspace directory. The bundles and
-// the runner are hard-linked into it where the filesystem allows (they are
-// large, and go-diskfs copies each once more into the image), else copied.
+// go-diskfs builds the image from a workspace directory and copies every
+// file's data into it 2 KiB at a time. The bundles and the runner are
+// large, so the workspace holds only sparse stand-ins of their sizes:
+// go-diskfs lays out the image from them, its writes of their zeros are
+// left as holes (see imageWriter), and fillExtents then copies each source
+// into the extent go-diskfs gave it, in large pieces, hashing it in the
+// same pass. So every bundle byte is read once and written once, and the
+// bytes on the medium are the ones verified.
 // go-diskfs records the wall clock and the workspace's owners, ctimes and
 // link counts; normaliseISO then rewrites those fields so that the same
 // tree and epoch give the same bytes.
@@ -49,8 +57,7 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 	if err := CheckISOLabel(o.Label); err != nil {
 		return &InputError{err}
 	}
-	dir := filepath.Dir(path)
-	ws, err := os.MkdirTemp(dir, ".airadm-iso-*")
+	ws, err := os.MkdirTemp(workspaceParent(filepath.Dir(path)), ".airadm-iso-*")
 	if err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
@@ -63,8 +70,8 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 		if !ok {
 			return errors.New("the image needs a file it can write at offsets")
 		}
-		bw := &bufferedWriterAt{File: f, buf: make([]byte, 0, 4*mib)}
-		fsys, err := iso9660.Create(file.New(bw, false), 0, 0, 2048, ws)
+		iw := newImageWriter(f, 4*mib)
+		fsys, err := iso9660.Create(file.New(iw, false), 0, 0, isoSector, ws)
 		if err != nil {
 			return fmt.Errorf("creating the ISO 9660 filesystem: %w", err)
 		}
@@ -73,17 +80,36 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 		}); err != nil {
 			return fmt.Errorf("writing the ISO 9660 filesystem: %w", err)
 		}
-		if err := bw.flush(); err != nil {
+		if err := iw.flush(); err != nil {
 			return fmt.Errorf("writing the ISO 9660 filesystem: %w", err)
 		}
-		if err := unchanged(t); err != nil {
+		if err := fillExtents(f, iw.size, t); err != nil {
 			return err
 		}
 		return normaliseISO(f, o.Epoch)
 	})
 }
 
-// fillWorkspace lays t out under ws.
+// workspaceParent is where the workspace goes: a tmpfs when there is one
+// (/dev/shm), since go-diskfs reads each stand-in 2 KiB at a time and
+// tmpfs answers reads of a hole from the zero page, where a disk
+// filesystem fills page cache with zeros; else dir, beside the image. The
+// workspace holds only the small files, so either has room.
+func workspaceParent(dir string) string {
+	const (
+		shm        = "/dev/shm"
+		tmpfsMagic = 0x01021994 // statfs(2)
+		wx         = 0o3        // access(2): W_OK|X_OK
+	)
+	var st syscall.Statfs_t
+	if syscall.Statfs(shm, &st) == nil && st.Type == tmpfsMagic && syscall.Access(shm, wx) == nil {
+		return shm
+	}
+	return dir
+}
+
+// fillWorkspace lays t out under ws: small files whole, the others (From)
+// as sparse files of their size and mode, which cost no disk space.
 func fillWorkspace(ws string, t Tree) error {
 	for _, f := range t {
 		p := filepath.Join(ws, filepath.FromSlash(f.Path))
@@ -93,92 +119,81 @@ func fillWorkspace(ws string, t Tree) error {
 		if err := os.Chmod(filepath.Dir(p), 0o755); err != nil { // past the umask
 			return err
 		}
-		if f.From == "" {
-			if err := os.WriteFile(p, f.Data, f.Mode); err != nil {
-				return err
-			}
-			if err := os.Chmod(p, f.Mode); err != nil { // past the umask
-				return err
-			}
-			continue
-		}
-		linked, err := link(f, p)
+		out, err := os.OpenFile(p, os.O_CREATE|os.O_EXCL|os.O_WRONLY, f.Mode)
 		if err != nil {
 			return err
 		}
-		if linked {
-			continue
+		if f.From == "" {
+			_, err = out.Write(f.Data)
+		} else {
+			err = out.Truncate(f.Size)
 		}
-		if err := copyFile(f.From, p, f.Mode); err != nil {
+		if err == nil {
+			err = out.Chmod(f.Mode) // past the umask
+		}
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// link hard-links f.From to p when they share a filesystem and f.From has
-// the mode wanted, since the image records the inode's mode.
-func link(f File, p string) (bool, error) {
-	fi, err := os.Stat(f.From)
+// fillExtents copies every From file of t into the image f of size bytes,
+// at the extent go-diskfs recorded for it, as go-diskfs reads it back.
+func fillExtents(f *os.File, size int64, t Tree) error {
+	fsys, err := iso9660.Read(file.New(f, true), size, 0, isoSector)
 	if err != nil {
-		return false, err
+		return fmt.Errorf("reading back the ISO 9660 filesystem: %w", err)
 	}
-	if fi.Mode().Perm() != f.Mode {
-		return false, nil
-	}
-	err = os.Link(f.From, p)
-	if errors.Is(err, syscall.EXDEV) || errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EMLINK) {
-		return false, nil
-	}
-	return err == nil, err
-}
-
-func copyFile(from, to string, mode os.FileMode) error {
-	in, err := os.Open(from)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(to, os.O_CREATE|os.O_EXCL|os.O_WRONLY, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Chmod(mode); err != nil { // past the umask
-		out.Close()
-		return err
-	}
-	return out.Close()
-}
-
-// unchanged checks that no bundle changed since it was verified.
-func unchanged(t Tree) error {
-	for _, f := range t {
-		if f.bundle != nil {
-			if err := f.bundle.unchanged(); err != nil {
-				return err
-			}
+	for _, tf := range t {
+		if tf.From == "" {
+			continue
+		}
+		e, err := fsys.OpenFile("/"+tf.Path, os.O_RDONLY)
+		if err != nil {
+			return fmt.Errorf("finding %s in the ISO 9660 filesystem: %w", tf.Path, err)
+		}
+		ie, ok := e.(*iso9660.File)
+		if !ok {
+			return fmt.Errorf("finding %s in the ISO 9660 filesystem: go-diskfs returned a %T", tf.Path, e)
+		}
+		if err := copyInto(io.NewOffsetWriter(f, int64(ie.Location())*isoSector), tf); err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
-// bufferedWriterAt gathers consecutive WriteAt calls into large writes.
-// go-diskfs v1.9.4 copies file data into the image 2 KiB at a time, one
-// pwrite each, which on these machines costs more than the copy itself.
-// Reads and seeks flush first, so go-diskfs always sees what it wrote. The
-// first error sticks, since go-diskfs ignores some WriteAt results.
-type bufferedWriterAt struct {
+// imageWriter gathers go-diskfs's consecutive WriteAt calls into large
+// writes (go-diskfs v1.9.4 writes file data 2 KiB at a time, one pwrite
+// each), and leaves as holes the zeros it writes where nothing was written
+// yet: mostly the stand-ins' data, which fillExtents then overwrites. Holes
+// read as zeros, so the image's bytes are what go-diskfs wrote. Reads and
+// seeks flush first, so go-diskfs always sees what it wrote. The first
+// error sticks, since go-diskfs ignores some WriteAt results.
+type imageWriter struct {
 	*os.File
-	buf []byte
-	off int64 // the image offset of buf[0]
-	err error
+	buf  []byte
+	off  int64 // the image offset of buf[0]
+	zero []byte
+	// written holds the ranges written, in order, adjacent ones merged
+	// (a few: directories, path tables, small files); go-diskfs writes
+	// Joliet's directories past the file data before the data itself.
+	written []extent
+	size    int64 // the image's size: the end of the last write, hole or not
+	err     error
 }
 
-func (w *bufferedWriterAt) WriteAt(p []byte, off int64) (int, error) {
+type extent struct{ start, end int64 }
+
+func newImageWriter(f *os.File, bufSize int) *imageWriter {
+	return &imageWriter{File: f, buf: make([]byte, 0, bufSize), zero: make([]byte, bufSize)}
+}
+
+func (w *imageWriter) WriteAt(p []byte, off int64) (int, error) {
 	if w.err != nil {
 		return 0, w.err
 	}
@@ -188,9 +203,8 @@ func (w *bufferedWriterAt) WriteAt(p []byte, off int64) (int, error) {
 		}
 	}
 	if len(p) >= cap(w.buf) {
-		n, err := w.File.WriteAt(p, off)
-		w.err = err
-		return n, err
+		w.write(p, off)
+		return len(p), w.err
 	}
 	if len(w.buf) == 0 {
 		w.off = off
@@ -199,29 +213,80 @@ func (w *bufferedWriterAt) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-func (w *bufferedWriterAt) flush() error {
+// write writes p at off, or, when p is zeros where nothing was written,
+// only extends the file over it (sparse).
+func (w *imageWriter) write(p []byte, off int64) {
+	e := extent{off, off + int64(len(p))}
+	if !w.overlaps(e) && w.isZero(p) {
+		if e.end > w.size {
+			w.size = e.end
+			w.err = w.File.Truncate(e.end)
+		}
+		return
+	}
+	_, w.err = w.File.WriteAt(p, off)
+	w.size = max(w.size, e.end)
+	w.record(e)
+}
+
+func (w *imageWriter) isZero(p []byte) bool {
+	for len(p) > 0 {
+		n := min(len(p), len(w.zero))
+		if !bytes.Equal(p[:n], w.zero[:n]) {
+			return false
+		}
+		p = p[n:]
+	}
+	return true
+}
+
+func (w *imageWriter) overlaps(e extent) bool {
+	for _, x := range w.written {
+		if x.start < e.end && e.start < x.end {
+			return true
+		}
+	}
+	return false
+}
+
+// record adds e to written, merging it with the ranges it touches.
+func (w *imageWriter) record(e extent) {
+	var out []extent
+	for _, x := range w.written {
+		if x.end < e.start || e.end < x.start {
+			out = append(out, x)
+			continue
+		}
+		e = extent{min(e.start, x.start), max(e.end, x.end)}
+	}
+	out = append(out, e)
+	slices.SortFunc(out, func(a, b extent) int { return cmp.Compare(a.start, b.start) })
+	w.written = out
+}
+
+func (w *imageWriter) flush() error {
 	if w.err == nil && len(w.buf) > 0 {
-		_, w.err = w.File.WriteAt(w.buf, w.off)
+		w.write(w.buf, w.off)
 		w.buf = w.buf[:0]
 	}
 	return w.err
 }
 
-func (w *bufferedWriterAt) ReadAt(p []byte, off int64) (int, error) {
+func (w *imageWriter) ReadAt(p []byte, off int64) (int, error) {
 	if err := w.flush(); err != nil {
 		return 0, err
 	}
 	return w.File.ReadAt(p, off)
 }
 
-func (w *bufferedWriterAt) Read(p []byte) (int, error) {
+func (w *imageWriter) Read(p []byte) (int, error) {
 	if err := w.flush(); err != nil {
 		return 0, err
 	}
 	return w.File.Read(p)
 }
 
-func (w *bufferedWriterAt) Seek(off int64, whence int) (int64, error) {
+func (w *imageWriter) Seek(off int64, whence int) (int64, error) {
 	if err := w.flush(); err != nil {
 		return 0, err
 	}

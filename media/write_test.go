@@ -222,9 +222,21 @@ func TestWriteLeavesNothingOnFailure(t *testing.T) {
 		{"ISO label", func(p string) error { return WriteISO(p, tr, ISOOptions{Label: "lower"}) }, `label "lower": want 1 to 32 of A-Z`},
 		{"FAT label too long", func(p string) error { return WriteFAT(p, tr, FATOptions{Label: "TWELVE_CHARS"}) }, "want 1 to 11"},
 		{"FAT label names a root file", func(p string) error { return WriteFAT(p, tr, FATOptions{Label: "AIRADM"}) }, "has a file or directory of that name at its root"},
-		{"bundle changed after verification", func(p string) error {
-			now := time.Now().Add(time.Hour)
-			os.Chtimes(filepath.Join(out, "w1.bundle"), now, now)
+		// The copy hashes what it copies: a byte changed in place, with the
+		// size and times kept, is caught as surely as a grown file.
+		{"ISO, bundle changed after verification", func(p string) error {
+			return withBundleChanged(t, filepath.Join(out, "w1.bundle"), func() error { return WriteISO(p, tr, ISOOptions{Label: "AIRADM"}) })
+		}, "changed after it was verified"},
+		{"FAT, bundle changed after verification", func(p string) error {
+			return withBundleChanged(t, filepath.Join(out, "w1.bundle"), func() error {
+				return WriteFAT(p, tr, FATOptions{Label: "AIRADM_USB", Partitioned: true})
+			})
+		}, "changed after it was verified"},
+		{"ISO, bundle grown after verification", func(p string) error {
+			b := filepath.Join(out, "w1.bundle")
+			orig, _ := os.ReadFile(b)
+			defer os.WriteFile(b, orig, 0o600)
+			os.WriteFile(b, append(append([]byte{}, orig...), 0), 0o600)
 			return WriteISO(p, tr, ISOOptions{Label: "AIRADM"})
 		}, "changed after it was verified"},
 	}
@@ -240,4 +252,24 @@ func TestWriteLeavesNothingOnFailure(t *testing.T) {
 			}
 		})
 	}
+}
+
+// withBundleChanged runs write with one byte of the bundle at p flipped,
+// its size and times kept, and then puts the bundle back.
+func withBundleChanged(t *testing.T, p string, write func() error) error {
+	t.Helper()
+	orig, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, _ := os.Stat(p)
+	changed := append([]byte{}, orig...)
+	changed[len(changed)/2] ^= 1
+	os.WriteFile(p, changed, 0o600)
+	os.Chtimes(p, fi.ModTime(), fi.ModTime())
+	defer func() {
+		os.WriteFile(p, orig, 0o600)
+		os.Chtimes(p, fi.ModTime(), fi.ModTime())
+	}()
+	return write()
 }
