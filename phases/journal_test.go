@@ -161,7 +161,7 @@ func TestAnotherClustersFilesAreNeverClaimed(t *testing.T) {
 		o := opts(path, digest, root)
 		o.Only = ""
 		o.IgnorePreflight = []string{"cluster", "ports", "sandbox-image"}
-		o.SkipPhases = []string{"images", "kubelet", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"}
+		o.SkipPhases = []string{"images", "kubelet", "wait-etcd", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"}
 		return phases.Apply(context.Background(), o)
 	}
 	t.Run("journal of another cluster", func(t *testing.T) {

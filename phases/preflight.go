@@ -30,6 +30,7 @@ func Checks() []Check {
 		{"clock", checkClock},
 		{"cluster", func(r *Run, files map[string][]byte) ([]string, error) { return nil, r.sameCluster(files) }},
 		{"ports", checkPorts},
+		{"endpoint", checkEndpoint},
 		{"swap", checkSwap},
 		{"kernel", checkKernel},
 		{"binaries", checkBinaries},

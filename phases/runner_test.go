@@ -33,9 +33,9 @@ func TestPlan(t *testing.T) {
 		only, want string
 		err        string
 	}{
-		{render.ControlPlane, nil, "", "preflight,files,runtime,images,kubelet,wait-control-plane,upload-config,mark-control-plane,bootstrap-token,addons", ""},
+		{render.ControlPlane, nil, "", "preflight,files,runtime,images,etcd-join,kubelet,wait-etcd,wait-control-plane,upload-config,mark-control-plane,bootstrap-token,addons", ""},
 		{render.Worker, nil, "", "preflight,files,runtime,images,kubelet,tls-bootstrap", ""},
-		{render.ControlPlane, []string{"preflight", "mark-control-plane", "images", "kubelet"}, "", "files,runtime,wait-control-plane,upload-config,bootstrap-token,addons", ""},
+		{render.ControlPlane, []string{"preflight", "mark-control-plane", "images", "kubelet", "etcd-join"}, "", "files,runtime,wait-etcd,wait-control-plane,upload-config,bootstrap-token,addons", ""},
 		{render.Worker, nil, "tls-bootstrap", "tls-bootstrap", ""},
 		{render.Worker, nil, "runtime", "runtime", ""},
 		{render.ControlPlane, []string{"bogus"}, "", "", `unknown phase "bogus"`},
@@ -290,7 +290,7 @@ func TestPreflightRefusesWrongNodeAndClock(t *testing.T) {
 		Bundle: path, ManifestDigest: digest, Root: root, Node: "cp9", Out: &out,
 		IgnorePreflight: []string{"ports", "sandbox-image"},
 		Now:             func() time.Time { return clustertest.Now.Add(-time.Hour) },
-		SkipPhases:      []string{"images", "kubelet", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"},
+		SkipPhases:      []string{"images", "kubelet", "wait-etcd", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"},
 	})
 	if err == nil {
 		t.Fatal("preflight passed")

@@ -102,7 +102,7 @@ address = "127.0.1.23"
 
 	// preflight and files: the tree is exactly the rendered one.
 	o := applyOpts(p, "cp1", cpBundle, cpDigest, &log)
-	o.SkipPhases = []string{"images", "kubelet", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"}
+	o.SkipPhases = []string{"images", "kubelet", "wait-etcd", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"}
 	if err := phases.Apply(ctx, o); err != nil {
 		t.Fatalf("%v\n%s", err, log.String())
 	}
