@@ -55,6 +55,9 @@ type Cluster struct {
 	Nodes            []Node
 	// AddonManifests are the extra manifests, read by Load.
 	AddonManifests []Manifest
+	// StaticPods are the extra static pods, read by Load and named
+	// <metadata.name>.yaml.
+	StaticPods []Manifest
 	// HostFiles and HostArchives are [host]: binaries the bundles carry,
 	// fetched and unpacked at build time (package bundle).
 	HostFiles    []HostFile
@@ -63,6 +66,7 @@ type Cluster struct {
 	// containerd's default config.
 	ContainerdOverrides map[string]any
 	addonPaths          []string
+	staticPodPaths      []string
 }
 
 // Node is one host of the cluster.
@@ -166,6 +170,7 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 		CgroupDriver:        orDefault(cfg.Kubelet.CgroupDriver, DefaultCgroupDriver),
 		CRISocket:           orDefault(cfg.Kubelet.CRISocket, DefaultCRISocket),
 		addonPaths:          cfg.Addons.Manifests,
+		staticPodPaths:      cfg.Addons.StaticPods,
 		KubeletOverrides:    cfg.Kubelet.Config,
 		ContainerdOverrides: cfg.Containerd.Config,
 	}

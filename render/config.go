@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"github.com/BurntSushi/toml"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/yaml"
 )
 
@@ -70,6 +72,9 @@ type KubeletConfig struct {
 // apply after CoreDNS and kube-proxy; paths are relative to the config.
 type AddonsConfig struct {
 	Manifests []string `toml:"manifests"`
+	// StaticPods are Pod manifests every control plane's kubelet runs
+	// beside kubeadm's four (a VIP such as kube-vip, say).
+	StaticPods []string `toml:"static_pods"`
 }
 
 type NodeConfig struct {
@@ -152,10 +157,53 @@ func Load(path string) (*Cluster, error) {
 		}
 		c.AddonManifests = append(c.AddonManifests, Manifest{Name: fmt.Sprintf("%02d-%s", i, filepath.Base(m)), Data: b})
 	}
+	seen := map[string]bool{"etcd": true, "kube-apiserver": true, "kube-controller-manager": true, "kube-scheduler": true}
+	for i, m := range c.staticPodPaths {
+		field := fmt.Sprintf("addons.static_pods[%d]", i)
+		p := m
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(filepath.Dir(path), p)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			problems = append(problems, Problem{Line: lineOf(lines, field), Field: field, Msg: err.Error()})
+			continue
+		}
+		name, err := checkStaticPod(b)
+		if err == nil && seen[name] {
+			err = fmt.Errorf("a static pod named %s is already in the bundle", name)
+		}
+		if err != nil {
+			problems = append(problems, Problem{Line: lineOf(lines, field), Field: field, Msg: fmt.Sprintf("%s: %v", m, err)})
+			continue
+		}
+		seen[name] = true
+		c.StaticPods = append(c.StaticPods, Manifest{Name: name + ".yaml", Data: b})
+	}
 	if len(problems) > 0 {
 		return nil, &ConfigError{File: path, Problems: problems}
 	}
 	return c, nil
+}
+
+// checkStaticPod requires one v1 Pod that the kubelet can read, and
+// returns its name, which names its file in the manifests directory.
+func checkStaticPod(b []byte) (string, error) {
+	docs := SplitYAML(b)
+	if len(docs) != 1 {
+		return "", fmt.Errorf("holds %d YAML documents; a static pod file holds one Pod", len(docs))
+	}
+	var pod corev1.Pod
+	if err := yaml.UnmarshalStrict(docs[0], &pod); err != nil {
+		return "", err
+	}
+	if pod.APIVersion != "v1" || pod.Kind != "Pod" {
+		return "", fmt.Errorf("is %s %s, not a v1 Pod", pod.APIVersion, pod.Kind)
+	}
+	if len(validation.IsDNS1123Subdomain(pod.Name)) > 0 {
+		return "", fmt.Errorf("metadata.name %q is not a DNS-1123 subdomain", pod.Name)
+	}
+	return pod.Name, nil
 }
 
 // Manifest is one extra addon file.

@@ -2,6 +2,7 @@ package render
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -233,5 +234,51 @@ address = "fd00::21"
 	// first ethernet interface.
 	if w.Prefix != 64 || w.Gateway.IsValid() || len(w.Nameservers) != 0 || w.Interface != "" {
 		t.Errorf("w1 network = %d %s %v %q", w.Prefix, w.Gateway, w.Nameservers, w.Interface)
+	}
+}
+
+func TestStaticPods(t *testing.T) {
+	dir := t.TempDir()
+	cfg := `
+[addons]
+static_pods = ["kube-vip.yaml", "two.yaml", "etcd.yaml", "cm.yaml"]
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "10.0.0.11"
+[[nodes]]
+name = "w1"
+role = "worker"
+address = "10.0.0.21"
+`
+	pod := "apiVersion: v1\nkind: Pod\nmetadata:\n  name: %s\n  namespace: kube-system\nspec:\n  hostNetwork: true\n  containers:\n  - name: c\n    image: ghcr.io/kube-vip/kube-vip:v1.0.0\n"
+	os.WriteFile(filepath.Join(dir, "cluster.toml"), []byte(cfg), 0o644)
+	os.WriteFile(filepath.Join(dir, "kube-vip.yaml"), []byte(fmt.Sprintf(pod, "kube-vip")), 0o644)
+	os.WriteFile(filepath.Join(dir, "two.yaml"), []byte(fmt.Sprintf(pod, "a")+"---\n"+fmt.Sprintf(pod, "b")), 0o644)
+	os.WriteFile(filepath.Join(dir, "etcd.yaml"), []byte(fmt.Sprintf(pod, "etcd")), 0o644)
+	os.WriteFile(filepath.Join(dir, "cm.yaml"), []byte("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n"), 0o644)
+	_, err := Load(filepath.Join(dir, "cluster.toml"))
+	var ce *ConfigError
+	if !errors.As(err, &ce) || len(ce.Problems) != 3 {
+		t.Fatalf("err = %v", err)
+	}
+	want := []string{
+		"addons.static_pods[1]: two.yaml: holds 2 YAML documents; a static pod file holds one Pod",
+		"addons.static_pods[2]: etcd.yaml: a static pod named etcd is already in the bundle",
+		"addons.static_pods[3]: cm.yaml: is v1 ConfigMap, not a v1 Pod",
+	}
+	for i, l := range ce.Lines() {
+		if !strings.HasSuffix(l, want[i]) || !strings.Contains(l, "cluster.toml:3:") {
+			t.Errorf("line %d = %q, want cluster.toml:3: ...%s", i, l, want[i])
+		}
+	}
+
+	os.WriteFile(filepath.Join(dir, "cluster.toml"), []byte(strings.Replace(cfg, `, "two.yaml", "etcd.yaml", "cm.yaml"`, "", 1)), 0o644)
+	c, err := Load(filepath.Join(dir, "cluster.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.StaticPods) != 1 || c.StaticPods[0].Name != "kube-vip.yaml" || string(c.StaticPods[0].Data) != fmt.Sprintf(pod, "kube-vip") {
+		t.Errorf("static pods = %+v", c.StaticPods)
 	}
 }

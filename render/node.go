@@ -181,6 +181,10 @@ func (c *Cluster) controlPlaneFiles(s *Secrets, n Node) ([]File, error) {
 		files = append(files, File{path.Join(ManifestsDir, pod.Name+".yaml"), 0o600, b})
 	}
 
+	for _, m := range c.StaticPods {
+		files = append(files, File{path.Join(ManifestsDir, m.Name), 0o600, m.Data})
+	}
+
 	kc, err := c.kubeadmConfigYAML()
 	if err != nil {
 		return nil, err

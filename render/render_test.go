@@ -350,3 +350,36 @@ func TestUnknownNode(t *testing.T) {
 		t.Errorf("err = %v", err)
 	}
 }
+
+// An extra static pod (a VIP, say) goes to every control plane's manifests
+// directory as given, and to no worker.
+func TestStaticPodsOnControlPlanes(t *testing.T) {
+	pod := "apiVersion: v1\nkind: Pod\nmetadata:\n  name: kube-vip\n  namespace: kube-system\nspec:\n  hostNetwork: true\n  containers:\n  - name: kube-vip\n    image: ghcr.io/kube-vip/kube-vip:v1.0.0\n"
+	file := filepath.Join(t.TempDir(), "kube-vip.yaml")
+	if err := os.WriteFile(file, []byte(pod), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := clustertest.New(t, fmt.Sprintf(`name = "vip"
+control_plane_endpoint = "10.0.0.10:6443"
+[addons]
+static_pods = [%q]
+[[nodes]]
+name = "cp1"
+role = "control-plane"
+address = "10.0.0.11"
+[[nodes]]
+name = "cp2"
+role = "control-plane"
+address = "10.0.0.12"
+[[nodes]]
+name = "w1"
+role = "worker"
+address = "10.0.0.21"
+`, file))
+	for node, want := range map[string]bool{"cp1": true, "cp2": true, "w1": false} {
+		f, ok := c.Files(t, node)[render.ManifestsDir+"/kube-vip.yaml"]
+		if ok != want || ok && (f.Mode != 0o600 || string(f.Data) != pod) {
+			t.Errorf("%s: kube-vip.yaml present %v (mode %v), want %v, as given", node, ok, f.Mode, want)
+		}
+	}
+}
