@@ -206,6 +206,13 @@ func (pr *Process) Exited() (bool, error) {
 	}
 }
 
+// Kill stops the process at once (SIGKILL to its group), as a host that
+// loses power would, and waits until it is gone.
+func (pr *Process) Kill() {
+	syscall.Kill(-pr.cmd.Process.Pid, syscall.SIGKILL)
+	<-pr.done
+}
+
 // stop ends every process by PID group, newest first, and on failure shows
 // the end of each log so the reason is in the test output.
 func (p *Plane) stop() {
