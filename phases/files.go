@@ -90,6 +90,9 @@ func runFiles(ctx context.Context, r *Run) error {
 	if err := r.sameCluster(files); err != nil {
 		return err
 	}
+	// A node an earlier apply wrote files on is being converged: each
+	// change there is news, where a first apply's are not.
+	converging := r.journal != nil && len(r.journal.Files) > 0
 	if !r.DryRun {
 		// Write-ahead: every file the bundle owns is in the durable journal
 		// before the first one is written, including those already in place
@@ -103,7 +106,6 @@ func runFiles(ctx context.Context, r *Run) error {
 		}
 	}
 	r.staged.removeStale()
-	converging := r.journal != nil && len(r.journal.Phases) > 0
 	var wrote, same int
 	for _, fe := range writeOrder(r.Manifest.Files) {
 		// Between two atomic writes is a safe point to stop at.
@@ -151,7 +153,6 @@ func runFiles(ctx context.Context, r *Run) error {
 				return err
 			}
 		}
-		// On a node apply has set up before, each change is news.
 		if converging && existed {
 			r.logf("  replaced %s", fe.Path)
 		} else if converging {
@@ -225,10 +226,9 @@ func (r *Run) reportRestarts() {
 
 // kubeletInputs are the files the kubelet reads when it starts.
 func kubeletInputs() []string {
-	return []string{
-		render.KubeletBinary, render.KubeletConfigFile, render.KubeletInstanceConfigFile, render.KubeletFlagsFile,
-		render.KubeletUnitFile, render.KubeletDropInFile, render.KubeletKubeconfig, render.PKIDir + "/ca.crt",
-	}
+	return append(render.KubeletBinaries(),
+		render.KubeletConfigFile, render.KubeletInstanceConfigFile, render.KubeletFlagsFile,
+		render.KubeletUnitFile, render.KubeletDropInFile, render.KubeletKubeconfig, render.PKIDir+"/ca.crt")
 }
 
 // kubeletInputsChanged lists the kubelet's files this run wrote.
