@@ -11,7 +11,9 @@
 package media
 
 import (
+	"crypto/sha256"
 	"debug/elf"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -52,6 +54,8 @@ type Bundle struct {
 	ManifestDigest string
 	BuildTime      time.Time
 	modTime        time.Time
+	// pack is the pack digest a thin bundle names.
+	pack string
 }
 
 // Source is the verified input of every medium: the bundles of the chosen
@@ -60,6 +64,9 @@ type Source struct {
 	Cluster *render.Cluster
 	Dir     string
 	Bundles []Bundle
+	// Pack is the build's images.pack, verified, when the bundles are thin;
+	// every medium carries it once.
+	Pack *Bundle
 }
 
 // SizeLimit is the largest file a filesystem holds; the zero value is no
@@ -128,7 +135,59 @@ func Open(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Sour
 			return nil, err
 		}
 	}
+	if err := src.openPack(sums, limit); err != nil {
+		return nil, err
+	}
 	return src, nil
+}
+
+// openPack verifies the image pack the thin bundles name, every byte, and
+// its line in SHA256SUMS.
+func (s *Source) openPack(sums trust.Sums, limit SizeLimit) error {
+	want := ""
+	for _, b := range s.Bundles {
+		switch {
+		case b.pack == "":
+		case want == "":
+			want = b.pack
+		case b.pack != want:
+			return inputErrorf("verifying %s: its bundles name two image packs (%s and %s); rebuild them together", s.Dir, want, b.pack)
+		}
+	}
+	if want == "" {
+		return nil
+	}
+	p := &Bundle{Name: bundle.PackFile, Path: filepath.Join(s.Dir, bundle.PackFile)}
+	f, err := os.Open(p.Path)
+	if err != nil {
+		return inputErrorf("opening the image pack the thin bundles need: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", p.Path, err)
+	}
+	if limit.Bytes > 0 && fi.Size() > limit.Bytes {
+		return inputErrorf("%s is %s, larger than %s allows (%s): write an ISO instead (airadm media iso), which has no such limit", p.Path, humanSize(fi.Size()), limit.Filesystem, humanSize(limit.Bytes))
+	}
+	line, ok := sums[bundle.PackFile]
+	if !ok || line.File == "" {
+		return inputErrorf("verifying %s: %s has no sha256 line for it; rebuild with airadm build --pack", p.Path, trust.SumsFile)
+	}
+	h := sha256.New()
+	_, digest, err := bundle.VerifyPack(io.TeeReader(f, h))
+	if err != nil {
+		return &InputError{fmt.Errorf("verifying %s: %w", p.Path, err)}
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != line.File {
+		return inputErrorf("verifying %s: its sha256 is %s, %s says %s", p.Path, got, trust.SumsFile, line.File)
+	}
+	if digest != want {
+		return inputErrorf("verifying %s: it is not the pack the bundles name (%s, they name %s)", p.Path, digest, want)
+	}
+	p.Size, p.modTime, p.SHA256, p.ManifestDigest = fi.Size(), fi.ModTime(), line.File, digest
+	s.Pack = p
+	return nil
 }
 
 // tooLargeHint says what to do about a bundle over the FAT32 limit.
@@ -175,7 +234,7 @@ func (b *Bundle) verify(cluster string) error {
 	if fi.Size() != b.Size || !fi.ModTime().Equal(b.modTime) {
 		return inputErrorf("verifying %s: it changed while it was read; run again once nothing writes it", b.Path)
 	}
-	b.SHA256, b.ManifestDigest, b.BuildTime = got, digest, m.BuildTime
+	b.SHA256, b.ManifestDigest, b.BuildTime, b.pack = got, digest, m.BuildTime, m.Pack
 	return nil
 }
 

@@ -33,6 +33,12 @@ var buildTime = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 // copied, secrets created fresh) and returns the cluster and the out dir.
 func quickstart(t testing.TB) (*render.Cluster, string) {
 	t.Helper()
+	return quickstartBuild(t, false)
+}
+
+// quickstartBuild is quickstart, with --pack when pack is set.
+func quickstartBuild(t testing.TB, pack bool) (*render.Cluster, string) {
+	t.Helper()
 	dir := t.TempDir()
 	src := filepath.Join("..", "testdata", "quickstart")
 	err := filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
@@ -63,7 +69,7 @@ func quickstart(t testing.TB) (*render.Cluster, string) {
 	out := filepath.Join(dir, "out")
 	_, err = build.Run(context.Background(), build.Options{
 		ConfigPath: cfg, Cluster: c, Out: out, CacheDir: filepath.Join(dir, ".cache"), Jobs: 2,
-		BuildTime: buildTime, Now: time.Now, Rand: rand.Reader,
+		BuildTime: buildTime, Now: time.Now, Rand: rand.Reader, Pack: pack,
 	})
 	if err != nil {
 		t.Fatal(err)

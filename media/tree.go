@@ -85,6 +85,9 @@ func SeedTree(src *Source, runner, node string, fat bool) (Tree, error) {
 	}
 	seed := Seed(src.Cluster, b.Node, b.ManifestDigest)
 	one := &Source{Cluster: src.Cluster, Dir: src.Dir, Bundles: []Bundle{b}}
+	if b.pack != "" {
+		one.Pack = src.Pack
+	}
 	t := Tree{
 		{Path: "meta-data", Mode: 0o644, Data: seed.MetaData},
 		{Path: "network-config", Mode: 0o644, Data: seed.NetworkConfig},
@@ -135,10 +138,17 @@ func bundleFiles(src *Source, bs []Bundle, runnerSum string) Tree {
 	for _, b := range bs {
 		sums[b.Name] = trust.Sum{File: b.SHA256, Manifest: b.ManifestDigest}
 	}
+	if src.Pack != nil {
+		sums[src.Pack.Name] = trust.Sum{File: src.Pack.SHA256}
+	}
 	t := Tree{{Path: path.Join(BundleDir, trust.SumsFile), Mode: 0o644, Data: sums.Encode()}}
 	for i := range bs {
 		b := &bs[i]
 		t = append(t, File{Path: path.Join(BundleDir, b.Name), Mode: 0o600, From: b.Path, Size: b.Size, bundle: b, sum: b.SHA256})
+	}
+	if p := src.Pack; p != nil {
+		// Once, beside the bundles, where apply looks for it.
+		t = append(t, File{Path: path.Join(BundleDir, p.Name), Mode: 0o644, From: p.Path, Size: p.Size, bundle: p, sum: p.SHA256})
 	}
 	return t
 }

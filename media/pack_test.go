@@ -1,0 +1,60 @@
+package media
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"airadm.dev/airadm/bundle"
+)
+
+// TestMediaCarryThePackOnce: from a --pack build, every medium carries
+// images.pack once, beside the thin bundles and listed in their SHA256SUMS;
+// a damaged pack is refused before any medium is written.
+func TestMediaCarryThePackOnce(t *testing.T) {
+	c, out := quickstartBuild(t, true)
+	src, err := Open(out, c, nil, FAT32())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if src.Pack == nil {
+		t.Fatal("no pack opened for thin bundles")
+	}
+	sha256sum := need(t, "sha256sum", "coreutils")
+	for _, m := range media(t) {
+		t.Run(m.name, func(t *testing.T) {
+			dir := t.TempDir()
+			img := filepath.Join(dir, "img")
+			if err := m.write(t, src, img, src.Epoch()); err != nil {
+				t.Fatal(err)
+			}
+			x := filepath.Join(dir, "x")
+			m.extract(t, img, x)
+			var packs []string
+			filepath.Walk(x, func(p string, fi os.FileInfo, err error) error {
+				if err == nil && fi.Name() == bundle.PackFile {
+					packs = append(packs, p)
+				}
+				return nil
+			})
+			if len(packs) != 1 || packs[0] != filepath.Join(x, "bundles", bundle.PackFile) {
+				t.Errorf("packs on the medium: %v, want bundles/%s once", packs, bundle.PackFile)
+			}
+			got := run(t, filepath.Join(x, "bundles"), sha256sum, "-c", "SHA256SUMS")
+			if !strings.Contains(got, bundle.PackFile+": OK") || !strings.Contains(got, "w1.bundle: OK") {
+				t.Errorf("sha256sum -c:\n%s", got)
+			}
+		})
+	}
+
+	b, err := os.ReadFile(filepath.Join(out, bundle.PackFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 1
+	os.WriteFile(filepath.Join(out, bundle.PackFile), b, 0o644)
+	if _, err := Open(out, c, nil, FAT32()); err == nil || !isInput(err) || !strings.Contains(err.Error(), bundle.PackFile) {
+		t.Errorf("damaged pack: %v, want an input error naming it", err)
+	}
+}
