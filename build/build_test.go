@@ -33,6 +33,8 @@ func TestMain(m *testing.M) {
 		var err error
 		if os.Getenv("AIRADM_TEST_BUILD_PACK") != "" {
 			_, err = packRun(ctx, cfg, os.Getenv("AIRADM_TEST_BUILD_OUT"), time.Unix(secs, 0))
+			// The parent reads this process's peak RSS from here.
+			fmt.Printf("peak-rss-mib %.1f\n", peakRSSMiB())
 		} else {
 			_, err = quickBuild(ctx, cfg, os.Getenv("AIRADM_TEST_BUILD_OUT"), time.Unix(secs, 0))
 		}
