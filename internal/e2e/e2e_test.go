@@ -36,6 +36,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/internal/k8sbin"
 	"airadm.dev/airadm/render"
 )
@@ -211,6 +212,25 @@ address = "10.77.0.22"
 	if err != nil {
 		t.Fatalf("airadm build: %v\n%s", err, out)
 	}
+	// w1 runs from a thin bundle and the image pack beside it (a fleet's
+	// build); its token is the one cp1's bundle publishes, from secrets/.
+	out, err = exec.Command(airadm, "build", "-c", cfg, "-o", filepath.Join(work, "out-pack"), "--pack", "w1").CombinedOutput()
+	if err != nil {
+		t.Fatalf("airadm build --pack w1: %v\n%s", err, out)
+	}
+	if f, err := os.Open(filepath.Join(work, "out-pack", "w1.bundle")); err != nil {
+		t.Fatal(err)
+	} else if m, err := bundle.ReadManifest(f); err != nil || m.Pack == "" {
+		t.Fatalf("out-pack/w1.bundle: %v; want a thin bundle naming its pack", err)
+	} else {
+		f.Close()
+	}
+	bundleOf := func(node string) string {
+		if node == "w1" {
+			return filepath.Join(work, "out-pack", "w1.bundle")
+		}
+		return filepath.Join(work, "out", node+".bundle")
+	}
 
 	network(t)
 	mountPoints(t)
@@ -242,8 +262,7 @@ address = "10.77.0.22"
 	apply := func(n *node, args ...string) timeline {
 		t.Helper()
 		args = append([]string{"apply"}, args...)
-		args = append(args, "--node", n.name, "--kubelet", "exec", "--kubelet-binary", "/usr/local/bin/kubelet",
-			filepath.Join(work, "out", n.name+".bundle"))
+		args = append(args, "--node", n.name, "--kubelet", "exec", "--kubelet-binary", "/usr/local/bin/kubelet", bundleOf(n.name))
 		var tl timeline
 		tl.start = time.Now()
 		cpu := readCPU()
