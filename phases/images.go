@@ -83,7 +83,7 @@ func (o Options) openPack(m *bundle.Manifest) (*bundle.Pack, func(), error) {
 	path := o.PackPath()
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, nil, &bundle.EntryError{Entry: path, Err: fmt.Errorf("opening the image pack: %w (the bundle is thin: put the build's %s beside it, or pass --images FILE)", err, bundle.PackFile)}
+		return nil, nil, &bundle.EntryError{Err: fmt.Errorf("opening the image pack: %w (the bundle is thin: put the build's %s beside it, or pass --images FILE)", err, bundle.PackFile)}
 	}
 	fi, err := f.Stat()
 	if err != nil {
