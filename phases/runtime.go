@@ -200,12 +200,26 @@ func (r *Run) kernel(fix bool) []kernelResult {
 		}
 		out = append(out, res)
 	}
+	// loads says whether module m is missing now and the runtime phase
+	// will load it, as reported above.
+	loads := func(m string) bool {
+		for _, k := range out {
+			if k.name == "module "+m {
+				return !k.problem && strings.HasSuffix(k.state, "(the runtime phase loads it)")
+			}
+		}
+		return false
+	}
 	for _, s := range render.KernelSysctls() {
 		res := kernelResult{name: s.Key}
 		file := "/proc/sys/" + strings.ReplaceAll(s.Key, ".", "/")
 		b, err := os.ReadFile(file)
 		have := strings.TrimSpace(string(b))
 		switch {
+		case err != nil && s.Module != "" && loads(s.Module):
+			// Checked before the runtime phase loads the module that
+			// brings it: not there yet, and not a problem.
+			res.state = fmt.Sprintf("absent until %s is loaded, want %s (the runtime phase loads it and sets it)", s.Module, s.Value)
 		case err != nil && s.Optional:
 			res.state = "absent from this kernel (optional)"
 		case err != nil:

@@ -45,13 +45,16 @@ type Sysctl struct {
 	// Optional ones are reported when missing but do not fail (an IPv4
 	// only kernel has no bridge-nf-call-ip6tables).
 	Optional bool
+	// Module is the kernel module that makes the sysctl exist, if one
+	// does: net.bridge.* appear only once br_netfilter is loaded.
+	Module string
 }
 
 // KernelSysctls are the parameters kubeadm's install guide sets.
 func KernelSysctls() []Sysctl {
 	return []Sysctl{
-		{Key: "net.bridge.bridge-nf-call-iptables", Value: "1"},
-		{Key: "net.bridge.bridge-nf-call-ip6tables", Value: "1", Optional: true},
+		{Key: "net.bridge.bridge-nf-call-iptables", Value: "1", Module: "br_netfilter"},
+		{Key: "net.bridge.bridge-nf-call-ip6tables", Value: "1", Optional: true, Module: "br_netfilter"},
 		{Key: "net.ipv4.ip_forward", Value: "1"},
 	}
 }
