@@ -39,6 +39,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"airadm.dev/airadm/atomicfile"
+	"airadm.dev/airadm/hostfs"
 	"airadm.dev/airadm/render"
 )
 
@@ -460,4 +461,49 @@ func memberNames(ms []etcdMember) string {
 		names = append(names, m.Name)
 	}
 	return strings.Join(names, ", ")
+}
+
+// leaveEtcd removes this host's etcd member from the cluster, as kubeadm
+// reset does (RemoveStackedEtcdMemberFromCluster), so that the others do
+// not count a member that is gone. Best effort: the other members may be
+// down too, and a member left behind is removed and re-added by the next
+// apply's etcd-join anyway. It says what it did.
+func leaveEtcd(ctx context.Context, root string, logf func(string, ...any)) {
+	files := map[string][]byte{}
+	for _, p := range []string{etcdManifest, etcdCA, etcdClientCert, etcdClientKey} {
+		b, err := os.ReadFile(hostfs.Path(root, p))
+		if err != nil {
+			return // not a stacked etcd member, or already reset
+		}
+		files[p] = b
+	}
+	l, err := etcdLayoutOf(files)
+	if err != nil || l == nil || len(l.members) == 1 {
+		return
+	}
+	var urls []string
+	for _, m := range l.others() {
+		urls = append(urls, m.clientURL())
+	}
+	cli, err := etcdClient(files, urls)
+	if err != nil {
+		logf("left etcd member %s in the cluster: %v (the next apply replaces it)", l.name, err)
+		return
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	list, err := cli.MemberList(ctx)
+	if err == nil {
+		me := findMember(list.Members, l.peerURL)
+		if me == nil {
+			logf("etcd member %s is no longer in the cluster", l.name)
+			return
+		}
+		if _, err = cli.MemberRemove(ctx, me.ID); err == nil {
+			logf("removed etcd member %s (%x) from the cluster", l.name, me.ID)
+			return
+		}
+	}
+	logf("left etcd member %s in the cluster: %v (the next apply replaces it)", l.name, err)
 }

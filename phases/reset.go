@@ -83,6 +83,10 @@ func Reset(ctx context.Context, o ResetOptions) error {
 		}
 	}
 
+	if o.Root == "/" {
+		// Before etcd stops, while it can still step down as a member.
+		leaveEtcd(ctx, o.Root, logf)
+	}
 	r := &Run{Options: Options{Root: o.Root}}
 	if pid, ok := r.runningKubelet(); ok {
 		keep(stopProcess(pid))
