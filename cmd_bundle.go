@@ -226,6 +226,9 @@ func (cmd *InspectCmd) Run(env *Env) error {
 	w := env.Stdout
 	fmt.Fprintf(w, "bundle      %s\nmanifest    %s\ncluster     %s\nnode        %s (%s)\nkubernetes  %s\nbuilt       %s\n",
 		cmd.Bundle, digest, m.Cluster, m.Node, m.Role, m.KubernetesVersion, m.BuildTime.Format(time.RFC3339))
+	if m.Pack != "" {
+		fmt.Fprintf(w, "pack        %s (thin: its images are in the image pack of this digest)\n", m.Pack)
+	}
 	fmt.Fprintf(w, "\nfiles (%d)\n", len(m.Files))
 	for _, fe := range m.Files {
 		fmt.Fprintf(w, "  %s %9s  sha256:%s  %s\n", fe.Mode, humanBytes(fe.Size), fe.SHA256[:12], fe.Path)
