@@ -180,8 +180,12 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 	}
 	if m := versionRE.FindStringSubmatch(c.KubernetesVersion); m == nil {
 		p.add("kubernetes_version", "%q is not a version of the form v1.37.2", c.KubernetesVersion)
-	} else if pinned := versionRE.FindStringSubmatch(KubernetesVersion); m[1] != pinned[1] || m[2] != pinned[2] {
-		p.add("kubernetes_version", "%s is not supported: this airadm renders Kubernetes v%s.%s.x", c.KubernetesVersion, pinned[1], pinned[2])
+	} else if _, ok := ReleaseOf(c.KubernetesVersion); !ok {
+		var minors []string
+		for _, r := range Releases() {
+			minors = append(minors, fmt.Sprintf("v1.%d.x", r.Minor))
+		}
+		p.add("kubernetes_version", "%s is not supported: this airadm renders Kubernetes %s", c.KubernetesVersion, strings.Join(minors, " and "))
 	}
 	if !c.Algorithm.Valid() {
 		var names []string

@@ -109,6 +109,21 @@ func TestImagesMatchKubeadmList(t *testing.T) {
 	if got := c.Images(); !slices.Equal(got, want) {
 		t.Errorf("Images() = %q, want %q", got, want)
 	}
+	// kubeadm v1.37.2's list for kubernetesVersion v1.36.3: etcd from
+	// SupportedEtcdVersion[36], the same tag (TestOracle runs the real one).
+	prev, err := Parse("t.toml", []byte(strings.Replace(Template, "\nname = ", "\nkubernetes_version = \"v1.36.3\"\nname = ", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if prev.KubernetesVersion != "v1.36.3" {
+		t.Fatalf("template edit did not take: %s", prev.KubernetesVersion)
+	}
+	for i, w := range want {
+		want[i] = strings.Replace(w, ":v1.37.2", ":v1.36.3", 1)
+	}
+	if got := prev.Images(); !slices.Equal(got, want) {
+		t.Errorf("v1.36.3 Images() = %q, want %q", got, want)
+	}
 	c.Repository = "mirror.example:5000/k8s"
 	if got := c.CoreImages()[4].Ref; got != "mirror.example:5000/k8s/coredns:v1.14.6" {
 		t.Errorf("coredns on a mirror = %q; kubeadm drops the coredns/ sub-path off registry.k8s.io", got)

@@ -1,19 +1,69 @@
 package render
 
-import "slices"
+import (
+	"slices"
+	"strconv"
+)
 
 // KubernetesVersion is the one place the Kubernetes release is pinned. The
 // k8s.io modules in go.mod and the scratch modules under hack/ follow it, and
 // TestPinnedVersionsAgree keeps them in step.
 const KubernetesVersion = "v1.37.2"
 
-// Versions of the images kubeadm v1.37.2 deploys with this release
+// Versions of the images kubeadm v1.37.2 deploys with the pinned release
 // (cmd/kubeadm/app/constants: DefaultEtcdVersion, CoreDNSVersion, PauseVersion).
 const (
 	EtcdVersion    = "3.7.0-0"
 	CoreDNSVersion = "v1.14.6"
 	PauseVersion   = "3.10.2"
 )
+
+// Release is what kubeadm v1.37.2 renders differently by the minor version
+// of kubernetesVersion. The kube-* images carry the version itself; the
+// rest comes from kubeadm's constants: etcd from SupportedEtcdVersion (which
+// has no entry for 37, so kubeadm falls back to its highest, 36's), CoreDNS
+// and pause from constants that do not depend on the version. No flag, feature
+// gate or component config default of kubeadm v1.37.2 depends on the version
+// it deploys (TestOracle checks both minors byte for byte).
+type Release struct {
+	Minor   int
+	Etcd    string // etcd image tag
+	CoreDNS string
+	Pause   string
+}
+
+// Releases is the one table of the Kubernetes minors this airadm renders,
+// newest first: the pinned one and the one before, as kubeadm v1.37 deploys
+// control planes one minor older (constants.MinimumControlPlaneVersion).
+func Releases() []Release {
+	return []Release{
+		{Minor: 37, Etcd: EtcdVersion, CoreDNS: CoreDNSVersion, Pause: PauseVersion},
+		{Minor: 36, Etcd: "3.7.0-0", CoreDNS: CoreDNSVersion, Pause: PauseVersion},
+	}
+}
+
+// ReleaseOf returns the row of Releases for version (v1.MINOR.PATCH).
+func ReleaseOf(version string) (Release, bool) {
+	m := versionRE.FindStringSubmatch(version)
+	if m == nil || m[1] != "1" {
+		return Release{}, false
+	}
+	for _, r := range Releases() {
+		if strconv.Itoa(r.Minor) == m[2] {
+			return r, true
+		}
+	}
+	return Release{}, false
+}
+
+// release is the cluster's row; validate refuses any version without one, so
+// the pinned row stands in only for hand-built Clusters in tests.
+func (c *Cluster) release() Release {
+	if r, ok := ReleaseOf(c.KubernetesVersion); ok {
+		return r
+	}
+	return Releases()[0]
+}
 
 // Image names the images of one cluster under its repository.
 type Image struct {
@@ -32,9 +82,9 @@ func (c *Cluster) CoreImages() []Image {
 		k("kube-controller-manager"),
 		k("kube-scheduler"),
 		k("kube-proxy"),
-		{"coredns", c.corednsRepository() + "/coredns:" + CoreDNSVersion},
+		{"coredns", c.corednsRepository() + "/coredns:" + c.release().CoreDNS},
 		{"pause", c.PauseImage()},
-		{"etcd", c.Repository + "/etcd:" + EtcdVersion},
+		{"etcd", c.Repository + "/etcd:" + c.release().Etcd},
 	}
 }
 
@@ -49,7 +99,7 @@ func (c *Cluster) corednsRepository() string {
 
 // PauseImage is the sandbox image containerd must find on every node.
 func (c *Cluster) PauseImage() string {
-	return c.Repository + "/pause:" + PauseVersion
+	return c.Repository + "/pause:" + c.release().Pause
 }
 
 func (c *Cluster) image(component string) string {

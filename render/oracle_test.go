@@ -44,10 +44,20 @@ func TestOracle(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("TestOracle runs kubeadm --rootfs, which chroots: run it as root (sudo -E go test ./render -run TestOracle)")
 	}
-	for _, alg := range []pki.Algorithm{pki.RSA2048, pki.ECDSAP256} {
-		t.Run(string(alg), func(t *testing.T) {
+	// Each algorithm with the pinned release, and the previous minor
+	// (kubeadm v1.37 deploys v1.36 control planes) with one of them.
+	for _, tc := range []struct {
+		alg     pki.Algorithm
+		version string
+	}{
+		{pki.RSA2048, render.KubernetesVersion},
+		{pki.ECDSAP256, render.KubernetesVersion},
+		{pki.ECDSAP256, k8sbin.PreviousKubernetesVersion},
+	} {
+		t.Run(string(tc.alg)+"-"+tc.version, func(t *testing.T) {
 			c := clustertest.New(t, fmt.Sprintf(`
 name = "oracle"
+kubernetes_version = %q
 control_plane_endpoint = "api.oracle.example:6443"
 [network]
 pod_subnet = "10.244.0.0/16"
@@ -66,7 +76,7 @@ address = "10.0.0.11"
 name = "w1"
 role = "worker"
 address = "10.0.0.21"
-`, alg))
+`, tc.version, tc.alg))
 			ours := c.Files(t, "cp1")
 			rootfs := t.TempDir()
 			// The trust stores airadm mounts (the Debian set, see
@@ -103,6 +113,9 @@ nodeRegistration:
 			// The ClusterConfiguration that upload-config will store must be
 			// one the real kubeadm accepts.
 			run("config", "validate", "--config", cfg)
+			if !strings.Contains(string(ours[render.KubeadmConfigFile].Data), "kubernetesVersion: "+tc.version+"\n") {
+				t.Fatalf("airadm's ClusterConfiguration is not for %s:\n%s", tc.version, ours[render.KubeadmConfigFile].Data)
+			}
 			images := run("config", "images", "list", "--config", cfg)
 			var core []string
 			for _, im := range c.CoreImages() {
@@ -370,12 +383,19 @@ func compareKubeconfig(t *testing.T, name string, theirsData, mineData []byte) {
 // TestOracleAddons compares the CoreDNS and kube-proxy objects with what
 // the real kubeadm's `init phase addon all --dry-run` would create.
 func TestOracleAddons(t *testing.T) {
+	for _, v := range []string{render.KubernetesVersion, k8sbin.PreviousKubernetesVersion} {
+		t.Run(v, func(t *testing.T) { oracleAddons(t, v) })
+	}
+}
+
+func oracleAddons(t *testing.T, version string) {
 	kubeadm, err := k8sbin.Path("kubeadm")
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := clustertest.New(t, `
 name = "oracle"
+kubernetes_version = "`+version+`"
 [network]
 pod_subnet = "10.244.0.0/16"
 [pki]

@@ -1,7 +1,9 @@
 // Package k8sbin builds and finds the real Kubernetes and etcd binaries of
-// the pinned release, which the tests run. They are built from the Go module
-// proxy through the scratch modules under hack/k8sbin and cached outside the
-// repository, keyed by version, with a SHA256SUMS file checked on every build.
+// the pinned release, and the Kubernetes binaries of the previous minor
+// (what an upgrade starts from), which the tests run. They are built from the
+// Go module proxy through the scratch modules under hack/k8sbin and cached
+// outside the repository, keyed by version, with a SHA256SUMS file checked on
+// every build.
 package k8sbin
 
 import (
@@ -15,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -31,6 +34,20 @@ const (
 	ContainerdVersion = "v2.4.2"
 )
 
+// PreviousKubernetesVersion is the release of the previous minor the
+// upgrade tests start from (hack/k8sbin/k8s-v1.36/go.mod). Only the
+// Kubernetes binaries are built for it: kubeadm v1.37.2 pins the same etcd
+// (3.7.0-0) for 1.36 as for 1.37, and the runtime and CNI plugins do not
+// depend on the Kubernetes version, so PathFor serves those from the pinned
+// set.
+const PreviousKubernetesVersion = "v1.36.3"
+
+// KubernetesVersions are the releases whose binaries Ensure builds, the
+// pinned one first.
+func KubernetesVersions() []string {
+	return []string{render.KubernetesVersion, PreviousKubernetesVersion}
+}
+
 // Binary is one program to build: its module directory under hack/k8sbin
 // and its package path.
 type Binary struct {
@@ -39,28 +56,54 @@ type Binary struct {
 	Package string
 }
 
-// Binaries lists every binary the tests use.
+// Binaries lists every binary the tests use of the pinned release.
 func Binaries() []Binary {
-	k := func(name string) Binary { return Binary{name, "k8s", "k8s.io/kubernetes/cmd/" + name} }
-	return []Binary{
-		k("kube-apiserver"), k("kube-controller-manager"), k("kube-scheduler"),
-		k("kubelet"), k("kube-proxy"), k("kubeadm"), k("kubectl"),
-		{"etcd", "etcd", "go.etcd.io/etcd/server/v3"},
-		{"etcdctl", "etcd", "go.etcd.io/etcd/etcdctl/v3"},
-		{"containerd", "containerd", "github.com/containerd/containerd/v2/cmd/containerd"},
-		{"containerd-shim-runc-v2", "containerd", "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"},
-		{"ctr", "containerd", "github.com/containerd/containerd/v2/cmd/ctr"},
-		{"bridge", "containerd", "github.com/containernetworking/plugins/plugins/main/bridge"},
-		{"host-local", "containerd", "github.com/containernetworking/plugins/plugins/ipam/host-local"},
-		{"loopback", "containerd", "github.com/containernetworking/plugins/plugins/main/loopback"},
-		{"portmap", "containerd", "github.com/containernetworking/plugins/plugins/meta/portmap"},
-		{"coredns", "coredns", "github.com/coredns/coredns"},
+	return append(kubernetesBinaries("k8s"),
+		Binary{"etcd", "etcd", "go.etcd.io/etcd/server/v3"},
+		Binary{"etcdctl", "etcd", "go.etcd.io/etcd/etcdctl/v3"},
+		Binary{"containerd", "containerd", "github.com/containerd/containerd/v2/cmd/containerd"},
+		Binary{"containerd-shim-runc-v2", "containerd", "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"},
+		Binary{"ctr", "containerd", "github.com/containerd/containerd/v2/cmd/ctr"},
+		Binary{"bridge", "containerd", "github.com/containernetworking/plugins/plugins/main/bridge"},
+		Binary{"host-local", "containerd", "github.com/containernetworking/plugins/plugins/ipam/host-local"},
+		Binary{"loopback", "containerd", "github.com/containernetworking/plugins/plugins/main/loopback"},
+		Binary{"portmap", "containerd", "github.com/containernetworking/plugins/plugins/meta/portmap"},
+		Binary{"coredns", "coredns", "github.com/coredns/coredns"},
+	)
+}
+
+// kubernetesBinaries are the k8s.io/kubernetes commands, built in module.
+func kubernetesBinaries(module string) []Binary {
+	var out []Binary
+	for _, name := range []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubeadm", "kubectl"} {
+		out = append(out, Binary{name, module, "k8s.io/kubernetes/cmd/" + name})
 	}
+	return out
+}
+
+// binariesFor lists what is built for version: everything for the pinned
+// release, the Kubernetes commands for the previous one.
+func binariesFor(version string) ([]Binary, error) {
+	switch version {
+	case render.KubernetesVersion:
+		return Binaries(), nil
+	case PreviousKubernetesVersion:
+		return kubernetesBinaries("k8s-v1.36"), nil
+	}
+	return nil, fmt.Errorf("no binaries of Kubernetes %s: the tests use %s", version, strings.Join(KubernetesVersions(), " and "))
 }
 
 // Dir is where the binaries of the pinned release live: $AIRADM_CACHE, or
 // airadm/ under the user cache directory, then k8sbin/<version>.
 func Dir() (string, error) {
+	return DirFor(render.KubernetesVersion)
+}
+
+// DirFor is where the binaries of version live.
+func DirFor(version string) (string, error) {
+	if _, err := binariesFor(version); err != nil {
+		return "", err
+	}
 	base := os.Getenv("AIRADM_CACHE")
 	if base == "" {
 		c, err := os.UserCacheDir()
@@ -69,29 +112,49 @@ func Dir() (string, error) {
 		}
 		base = filepath.Join(c, "airadm")
 	}
+	if version != render.KubernetesVersion {
+		return filepath.Join(base, "k8sbin", version), nil
+	}
 	return filepath.Join(base, "k8sbin", render.KubernetesVersion+"-etcd"+EtcdVersion+"-containerd"+ContainerdVersion), nil
 }
 
 // BuildHint tells a person how to get the binaries.
-const BuildHint = "build them with `go run ./hack/k8sbin` from the repository root (about 10 minutes on 2 cores the first time, seconds after), or run the README's test command, which does it"
+const BuildHint = "build them with `go run ./hack/k8sbin` from the repository root (about 10 minutes on 2 cores the first time for each Kubernetes version, seconds after), or run the README's test command, which does it"
 
-// Path returns the cached binary name, or an error saying how to build it.
+// Path returns the cached binary name of the pinned release, or an error
+// saying how to build it.
 func Path(name string) (string, error) {
-	dir, err := Dir()
+	return PathFor(render.KubernetesVersion, name)
+}
+
+// PathFor returns the cached binary name of Kubernetes version. A binary
+// that is not built per version (etcd, containerd, the CNI plugins, coredns)
+// is the pinned release's.
+func PathFor(version, name string) (string, error) {
+	bins, err := binariesFor(version)
+	if err != nil {
+		return "", err
+	}
+	if !slices.ContainsFunc(bins, func(b Binary) bool { return b.Name == name }) {
+		if version == render.KubernetesVersion {
+			return "", fmt.Errorf("k8sbin builds no binary named %s", name)
+		}
+		return PathFor(render.KubernetesVersion, name)
+	}
+	dir, err := DirFor(version)
 	if err != nil {
 		return "", err
 	}
 	p := filepath.Join(dir, name)
 	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("%s %s is not built at %s: %s", name, render.KubernetesVersion, p, BuildHint)
+		return "", fmt.Errorf("%s %s is not built at %s: %s", name, version, p, BuildHint)
 	}
 	return p, nil
 }
 
 // ldflags stamp the version the way upstream release builds do; without
 // them the binaries report v0.0.0-master and version-skew checks misfire.
-func ldflags() string {
-	v := render.KubernetesVersion
+func ldflags(v string) string {
 	major, minor, _ := strings.Cut(strings.TrimPrefix(v, "v"), ".")
 	minor, _, _ = strings.Cut(minor, ".")
 	flags := []string{"-s", "-w"}
@@ -105,11 +168,30 @@ func ldflags() string {
 	return strings.Join(flags, " ")
 }
 
-// Ensure makes every binary present and intact in Dir, building what is
-// missing or whose hash does not match SHA256SUMS. repo is the repository
-// root; log gets progress lines.
+// Ensure makes every binary of every version in KubernetesVersions present
+// and intact, building what is missing or whose hash does not match its
+// directory's SHA256SUMS. repo is the repository root; log gets progress
+// lines. It returns the pinned release's directory.
 func Ensure(ctx context.Context, repo string, log io.Writer) (string, error) {
-	dir, err := Dir()
+	var pinned string
+	for _, v := range KubernetesVersions() {
+		dir, err := ensure(ctx, repo, v, log)
+		if err != nil {
+			return "", err
+		}
+		if v == render.KubernetesVersion {
+			pinned = dir
+		}
+	}
+	return pinned, nil
+}
+
+func ensure(ctx context.Context, repo, version string, log io.Writer) (string, error) {
+	bins, err := binariesFor(version)
+	if err != nil {
+		return "", err
+	}
+	dir, err := DirFor(version)
 	if err != nil {
 		return "", err
 	}
@@ -123,7 +205,7 @@ func Ensure(ctx context.Context, repo string, log io.Writer) (string, error) {
 		return "", err
 	}
 	missing := map[string][]Binary{}
-	for _, b := range Binaries() {
+	for _, b := range bins {
 		got, err := fileSHA256(filepath.Join(dir, b.Name))
 		if err == nil && got == sums[b.Name].File {
 			continue
@@ -142,20 +224,20 @@ func Ensure(ctx context.Context, repo string, log io.Writer) (string, error) {
 	}
 	sort.Strings(modules)
 	for _, m := range modules {
-		if err := build(ctx, filepath.Join(repo, "hack", "k8sbin", m), dir, missing[m], sums, log); err != nil {
+		if err := build(ctx, filepath.Join(repo, "hack", "k8sbin", m), dir, version, missing[m], sums, log); err != nil {
 			return "", err
 		}
 	}
 	return dir, nil
 }
 
-func build(ctx context.Context, moduleDir, dir string, bins []Binary, sums trust.Sums, log io.Writer) error {
+func build(ctx context.Context, moduleDir, dir, version string, bins []Binary, sums trust.Sums, log io.Writer) error {
 	tmp, err := os.MkdirTemp(dir, ".build-")
 	if err != nil {
 		return fmt.Errorf("building binaries: %w", err)
 	}
 	defer os.RemoveAll(tmp)
-	args := []string{"build", "-mod=readonly", "-trimpath", "-tags", "selinux,notest,grpcnotrace", "-ldflags", ldflags(), "-o", tmp + "/"}
+	args := []string{"build", "-mod=readonly", "-trimpath", "-tags", "selinux,notest,grpcnotrace", "-ldflags", ldflags(version), "-o", tmp + "/"}
 	var names []string
 	for _, b := range bins {
 		args = append(args, b.Package)
