@@ -29,6 +29,7 @@ type ApplyCmd struct {
 	KubeletBinary         string        `default:"/usr/bin/kubelet" help:"The kubelet binary, in exec mode."`
 	Timeout               time.Duration `default:"4m" help:"How long each wait on the cluster may take."`
 	Images                string        `type:"path" placeholder:"FILE" help:"A thin bundle's image pack (default: images.pack beside the bundle)."`
+	Drain                 bool          `help:"In an upgrade: cordon the node and evict its pods before the kubelet restarts, uncordon it after (the operator's choice; off by default)."`
 	// Three positionals rather than one slice: kong ends a slice at the
 	// first flag, and `apply phase images --root R BUNDLE` must parse.
 	Bundle    string `arg:"" name:"bundle" help:"The bundle file; or: phase NAME BUNDLE, to run one phase (${phases})."`
@@ -73,6 +74,8 @@ func (cmd *ApplyCmd) Run(env *Env) error {
 		CRISocket: cmd.CRISocket, ContainerdConfig: cmd.ContainerdConfig, Kubelet: cmd.Kubelet, KubeletBinary: cmd.KubeletBinary,
 		Timeout:  cmd.Timeout,
 		Images:   cmd.Images,
+		Drain:    cmd.Drain,
+		UpgradeManifestHook: upgradeManifestHook(),
 		Progress: newProgress(env).line,
 	})
 }

@@ -21,6 +21,7 @@ import (
 
 	"airadm.dev/airadm/build"
 	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/phases"
 	"airadm.dev/airadm/render"
 	"airadm.dev/airadm/trust"
 )
@@ -115,7 +116,7 @@ func report(w io.Writer, err error) int {
 	var ue usageError
 	var be *bundle.EntryError
 	var ie *build.InputError
-	if errors.As(err, &ue) || errors.As(err, &be) || errors.As(err, &ie) || errors.Is(err, trust.ErrUntrusted) {
+	if errors.As(err, &ue) || errors.As(err, &be) || errors.As(err, &ie) || errors.Is(err, trust.ErrUntrusted) || errors.Is(err, phases.ErrRefused) {
 		code = 2 // bad input: a damaged, truncated or unvouched-for bundle
 	}
 	var ce *render.ConfigError

@@ -106,15 +106,49 @@ func runFiles(ctx context.Context, r *Run) error {
 		}
 	}
 	r.staged.removeStale()
-	var wrote, same int
+	keep := func(string) bool { return true }
+	if r.upgrade != nil {
+		// An upgrade swaps the static pods and the kubelet in later steps.
+		keep = func(p string) bool { return !heldBack(p) }
+	}
+	wrote, same, err := r.writeEntries(ctx, keep, converging)
+	if err != nil {
+		return err
+	}
+	if r.DryRun {
+		r.logf("  %d files would be written, %d are already in place", wrote, same)
+	} else if wrote == 0 {
+		r.logf("  nothing changed: all %d files already in place", same)
+	} else {
+		r.logf("  wrote %d files, %d already in place", wrote, same)
+	}
+	if r.upgrade != nil {
+		r.logf("  the static pod manifests and the kubelet's files wait for their upgrade steps")
+		return nil
+	}
+	r.reportRestarts()
+	return nil
+}
+
+// writeEntries writes the bundle's files that keep selects and that
+// differ from the host's, atomically, one at a time, recording each in
+// r.changed; converging (a node apply set up before) prints each change.
+func (r *Run) writeEntries(ctx context.Context, keep func(path string) bool, converging bool) (wrote, same int, err error) {
+	files, err := r.readFiles()
+	if err != nil {
+		return 0, 0, err
+	}
 	for _, fe := range writeOrder(r.Manifest.Files) {
+		if !keep(fe.Path) {
+			continue
+		}
 		// Between two atomic writes is a safe point to stop at.
 		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("writing files (%d written, %d already in place): %w", wrote, same, err)
+			return wrote, same, fmt.Errorf("writing files (%d written, %d already in place): %w", wrote, same, err)
 		}
 		mode, err := fe.FileMode()
 		if err != nil {
-			return err
+			return wrote, same, err
 		}
 		target := r.path(fe.Path)
 		removeStaleTemps(target)
@@ -138,19 +172,19 @@ func runFiles(ctx context.Context, r *Run) error {
 			continue
 		}
 		if err := hostfs.MkdirAll(r.Root, parent(fe.Path)); err != nil {
-			return err
+			return wrote, same, err
 		}
 		if placed, err := r.staged.place(fe.Path, target, mode); err != nil {
-			return err
+			return wrote, same, err
 		} else if !placed {
 			data, ok := files[fe.Path]
 			if !ok {
 				// Staging dropped it as already in place, and it has
 				// changed since: its bytes are not at hand.
-				return fmt.Errorf("%s changed while apply ran; run apply again", fe.Path)
+				return wrote, same, fmt.Errorf("%s changed while apply ran; run apply again", fe.Path)
 			}
 			if err := atomicfile.Write(target, data, mode); err != nil {
-				return err
+				return wrote, same, err
 			}
 		}
 		if converging && existed {
@@ -160,15 +194,7 @@ func runFiles(ctx context.Context, r *Run) error {
 		}
 		wrote++
 	}
-	if r.DryRun {
-		r.logf("  %d files would be written, %d are already in place", wrote, same)
-	} else if wrote == 0 {
-		r.logf("  nothing changed: all %d files already in place", same)
-	} else {
-		r.logf("  wrote %d files, %d already in place", wrote, same)
-	}
-	r.reportRestarts()
-	return nil
+	return wrote, same, nil
 }
 
 // writeOrder puts the static pod manifests last. A manifest that changes

@@ -46,6 +46,14 @@ func (r *Run) kubeletMode() string {
 }
 
 func runKubelet(ctx context.Context, r *Run) error {
+	if r.upgrade != nil {
+		return r.upgradeKubelet(ctx)
+	}
+	return startKubelet(ctx, r)
+}
+
+// startKubelet starts kubelet (restarts it, under systemd).
+func startKubelet(ctx context.Context, r *Run) error {
 	mode := r.kubeletMode()
 	// A running kubelet read its files when it started: it restarts if
 	// this run changed one of them, and is left alone otherwise.

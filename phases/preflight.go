@@ -39,7 +39,7 @@ func Checks() []Check {
 	}
 }
 
-func runPreflight(_ context.Context, r *Run) error {
+func runPreflight(ctx context.Context, r *Run) error {
 	files, err := r.readFiles()
 	if err != nil {
 		return err
@@ -68,6 +68,9 @@ func runPreflight(_ context.Context, r *Run) error {
 	}
 	if len(failed) > 0 {
 		return fmt.Errorf("%d checks failed (ignore one with --ignore-preflight-errors=NAME): %s", len(failed), strings.Join(failed, "; "))
+	}
+	if r.upgrade != nil {
+		return r.upgradePreflight(ctx)
 	}
 	return nil
 }
@@ -124,6 +127,9 @@ func checkClock(r *Run, files map[string][]byte) ([]string, error) {
 }
 
 func checkPorts(r *Run, _ map[string][]byte) ([]string, error) {
+	if r.upgrade != nil {
+		return nil, skipped("an upgrade: the node's running components hold them")
+	}
 	ports := []int{10250}
 	if r.Manifest.Role == string(render.ControlPlane) {
 		ports = append(ports, 6443, 2379, 2380, 2381, 10257, 10259)

@@ -51,7 +51,8 @@ func Phases() []Phase {
 		{"runtime", "set the kernel prerequisites; install and start the bundle's containerd, if it carries one", bothRoles, runRuntime},
 		{"images", "import the bundle's images into containerd, named, pinned and unpacked", bothRoles, runImages},
 		{"etcd-join", "rejoin the running etcd cluster if this member ran before and lost its data", controlPlane, runEtcdJoin},
-		{"kubelet", "start kubelet with the bundle's unit, config and flags", bothRoles, runKubelet},
+		{"upgrade-control-plane", "in an upgrade: back up the manifests and etcd's data, then swap the static pods one at a time, rolling a failed one back", controlPlane, runUpgradeControlPlane},
+		{"kubelet", "start kubelet with the bundle's unit, config and flags (in an upgrade: replace and restart it)", bothRoles, runKubelet},
 		{"wait-etcd", "wait for this etcd member and a quorum, saying which members answer; promote a rejoining member", controlPlane, runWaitEtcd},
 		{"wait-control-plane", "wait for the apiserver's /readyz and make admin.conf's group cluster-admin", controlPlane, runWaitControlPlane},
 		{"upload-config", "store the kubeadm-config and kubelet-config ConfigMaps", controlPlane, runUploadConfig},
@@ -100,6 +101,12 @@ type Options struct {
 	Images string
 	// WrapPack, if set, wraps every read of the pack (tests count them).
 	WrapPack func(io.ReaderAt) io.ReaderAt
+	// Drain, in an upgrade, cordons the node and evicts its pods before
+	// the kubelet restarts, and uncordons it after.
+	Drain bool
+	// UpgradeManifestHook, if set, rewrites a static pod manifest just
+	// before an upgrade puts it in place (tests: a component that fails).
+	UpgradeManifestHook func(component string, manifest []byte) []byte
 }
 
 // Run is the typed context every phase gets.
@@ -122,6 +129,9 @@ type Run struct {
 	// changed lists the host paths the files phase wrote (or would, in a
 	// dry run), for the restarts they call for.
 	changed []string
+	// upgrade is set when the node runs an older Kubernetes than the
+	// bundle's (upgrade.go).
+	upgrade *Upgrade
 }
 
 // planned reports whether this run includes phase name.
@@ -132,7 +142,25 @@ func (r *Run) planned(name string) bool {
 // Plan validates skip and only against the known phases and returns the
 // phases to run for role, in order.
 func Plan(role render.Role, skip []string, only string) ([]Phase, error) {
+	return plan(role, false, skip, only)
+}
+
+// plan orders an upgrade's phases as upgradePhases does (a member that
+// runs needs no etcd-join, a kubelet that runs no tls-bootstrap); a first
+// install has no upgrade-control-plane step.
+func plan(role render.Role, upgrade bool, skip []string, only string) ([]Phase, error) {
 	all := Phases()
+	if upgrade {
+		byName := map[string]Phase{}
+		for _, p := range all {
+			byName[p.Name] = p
+		}
+		var ordered []Phase
+		for _, n := range upgradePhases {
+			ordered = append(ordered, byName[n])
+		}
+		all = ordered
+	}
 	names := make([]string, 0, len(all))
 	for _, p := range all {
 		names = append(names, p.Name)
@@ -145,6 +173,9 @@ func Plan(role render.Role, skip []string, only string) ([]Phase, error) {
 	var out []Phase
 	for _, p := range all {
 		if only != "" && p.Name != only {
+			continue
+		}
+		if p.Name == "upgrade-control-plane" && !upgrade && only == "" {
 			continue
 		}
 		if slices.Contains(skip, p.Name) || !slices.Contains(p.Roles, role) {
@@ -185,7 +216,17 @@ func Apply(ctx context.Context, o Options) error {
 	} else {
 		logf(o.Out, "bundle %s: intact, not authenticated", o.Bundle)
 	}
-	plan, err := Plan(render.Role(m.Role), o.SkipPhases, o.Only)
+	journal, err := LoadJournal(o.Root)
+	if err != nil {
+		return err
+	}
+	// Whether this is an upgrade decides the plan, so it is found first,
+	// from the host alone; one the skew policy forbids stops here.
+	up, err := detectUpgrade(o.Root, m, files, journal)
+	if err != nil {
+		return err
+	}
+	plan, err := plan(render.Role(m.Role), up != nil, o.SkipPhases, o.Only)
 	if err != nil {
 		return err
 	}
@@ -198,7 +239,7 @@ func Apply(ctx context.Context, o Options) error {
 		}
 		logf(o.Out, "pack %s: this node's %d blobs intact, bound to the bundle by its digest", o.PackPath(), len(m.Blobs))
 	}
-	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan, files: files, staged: staged}
+	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan, files: files, staged: staged, upgrade: up}
 	if !o.DryRun {
 		unlock, err := lockHost(o.Root)
 		if err != nil {
@@ -323,6 +364,9 @@ type Journal struct {
 	ManifestDigest string   `json:"manifestDigest"`
 	Phases         []string `json:"phases"`
 	Files          []string `json:"files"`
+	// KubernetesVersion is the version of the last bundle whose phases
+	// ran: a worker's upgrade starts from it.
+	KubernetesVersion string `json:"kubernetesVersion,omitempty"`
 }
 
 const journalFile = render.AiradmStateDir + "/journal.json"
@@ -407,6 +451,10 @@ func (j *Journal) done(root string, m *bundle.Manifest, digest, phase string) er
 	// Only the files phase's claim says whose host this is: a preflight
 	// that passed on a host of unknown files does not make it ours.
 	j.ManifestDigest = digest
+	if phase == "kubelet" || j.KubernetesVersion == "" {
+		// The node runs the bundle's version once its kubelet does.
+		j.KubernetesVersion = m.KubernetesVersion
+	}
 	if !slices.Contains(j.Phases, phase) {
 		j.Phases = append(j.Phases, phase)
 	}
