@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"net/http"
 	"os"
+	"os/exec"
 	"path"
 	"path/filepath"
 	"strconv"
@@ -527,7 +528,14 @@ func heldBackKubelet(p string) bool { return heldBack(p) && path.Dir(p) != rende
 // restartKubelet restarts a running kubelet on its new binary and config.
 func (r *Run) restartKubelet(ctx context.Context) error {
 	if r.kubeletMode() == KubeletSystemd {
-		return startKubelet(ctx, r) // systemctl restart
+		// Restart whether or not its config changed: its binary did.
+		for _, args := range [][]string{{"daemon-reload"}, {"restart", "kubelet"}} {
+			if out, err := exec.CommandContext(ctx, "systemctl", args...).CombinedOutput(); err != nil {
+				return fmt.Errorf("systemctl %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+			}
+		}
+		r.logf("  kubelet restarted by systemd")
+		return nil
 	}
 	if pid, ok := r.runningKubelet(); ok {
 		if err := stopProcess(pid); err != nil {
