@@ -80,8 +80,8 @@ func binaryImage(t *testing.T, bin, path string, entrypoint []string) v1.Image {
 	return img
 }
 
-// pushImages builds kubeadm's seven images from the pinned binaries and
-// pushes them to a loopback registry under host/k8s.
+// pushImages builds kubeadm's seven images from the binaries of the
+// cluster's version and pushes them to a loopback registry under host/k8s.
 func pushImages(t *testing.T, repo string, c *render.Cluster) {
 	t.Helper()
 	pause := filepath.Join(t.TempDir(), "pause")
@@ -103,7 +103,7 @@ func pushImages(t *testing.T, repo string, c *render.Cluster) {
 			}
 			img = binaryImage(t, bin, "/coredns", []string{"/coredns"})
 		default:
-			bin, err := k8sbin.Path(im.Component)
+			bin, err := k8sbin.PathFor(c.KubernetesVersion, im.Component)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -119,10 +119,10 @@ func pushImages(t *testing.T, repo string, c *render.Cluster) {
 	}
 }
 
-func buildAiradm(t *testing.T) string {
+func buildAiradm(t *testing.T, tags ...string) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "airadm")
-	cmd := exec.Command("go", "build", "-o", bin, ".")
+	cmd := exec.Command("go", "build", "-tags", strings.Join(tags, ","), "-o", bin, ".")
 	cmd.Dir = "../.."
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("building airadm: %v\n%s", err, out)

@@ -16,6 +16,7 @@ import (
 
 	"airadm.dev/airadm/internal/containerdtest"
 	"airadm.dev/airadm/internal/k8sbin"
+	"airadm.dev/airadm/render"
 )
 
 // A simulated host: its own network namespace (on a bridge with the test
@@ -177,6 +178,12 @@ test ! -e /usr/local/bin/kubelet && test ! -e /usr/bin/kubelet && test ! -S /run
 // k8sbin cache, and Debian's runc, all as local sources.
 func runtimeHostFiles(t *testing.T) string {
 	t.Helper()
+	return runtimeHostFilesFor(t, render.KubernetesVersion)
+}
+
+// runtimeHostFilesFor is runtimeHostFiles with the kubelet of version.
+func runtimeHostFilesFor(t *testing.T, version string) string {
+	t.Helper()
 	var b strings.Builder
 	for _, f := range []struct{ path, bin string }{
 		{"/usr/local/bin/containerd", "containerd"},
@@ -191,7 +198,7 @@ func runtimeHostFiles(t *testing.T) string {
 		src := "/usr/sbin/runc"
 		if f.bin != "" {
 			var err error
-			if src, err = k8sbin.Path(f.bin); err != nil {
+			if src, err = k8sbin.PathFor(version, f.bin); err != nil {
 				t.Fatal(err)
 			}
 		}
