@@ -72,11 +72,11 @@ func (cmd *ApplyCmd) Run(env *Env) error {
 		SkipPhases: cmd.SkipPhases, Only: only,
 		IgnorePreflight: cmd.IgnorePreflightErrors, Out: env.Stdout, Now: env.Now,
 		CRISocket: cmd.CRISocket, ContainerdConfig: cmd.ContainerdConfig, Kubelet: cmd.Kubelet, KubeletBinary: cmd.KubeletBinary,
-		Timeout:  cmd.Timeout,
-		Images:   cmd.Images,
-		Drain:    cmd.Drain,
+		Timeout:             cmd.Timeout,
+		Images:              cmd.Images,
+		Drain:               cmd.Drain,
 		UpgradeManifestHook: upgradeManifestHook(),
-		Progress: newProgress(env).line,
+		Progress:            newProgress(env).line,
 	})
 }
 
