@@ -273,7 +273,8 @@ func (p *Pack) Check(m *Manifest) error {
 // ReadBlobs reads the blobs m lists, and only those, from the pack, in the
 // pack's order, verifying each against its digest at its end (unless
 // v.BlobDigestsCheckedByConsumer) and the images' references at the end.
-// v.Blob sees each blob as Read's does; v.File is not used.
+// v.Blob sees each blob as Read's does, and v.Held may pass over blobs as
+// in Read; v.File is not used.
 func (p *Pack) ReadBlobs(m *Manifest, v Visitor) error {
 	if err := p.Check(m); err != nil {
 		return err
@@ -291,6 +292,8 @@ func (p *Pack) ReadBlobs(m *Manifest, v Visitor) error {
 		}
 		if _, ok := manifests[e.sha256]; ok {
 			vr.keep = &bytes.Buffer{}
+		} else if v.Held != nil && v.Held(HeldEntry{Blob: &b}) {
+			continue
 		}
 		if v.Blob != nil {
 			if err := v.Blob(b, vr); err != nil {

@@ -46,6 +46,23 @@ type Visitor struct {
 	// whose digest differs (containerd's content commit does). Sizes,
 	// names, order and everything else are still checked here.
 	BlobDigestsCheckedByConsumer bool
+	// Held names the entries the consumer already holds, verified by
+	// digest in a place of its own: blobs in a content-addressed store
+	// that checks digests at commit (containerd's), files on the host
+	// whose bytes hash to the manifest's digest. The manifest digest
+	// covers them, and nothing reads them from this bundle, so their data
+	// is neither hashed nor, when r can seek, read at all. Everything
+	// about the entry but its data is still checked. Image manifests and
+	// the files of a worker's bundle that are scanned for keys are always
+	// read. Leave it nil to verify every byte (`airadm verify` does).
+	Held func(e HeldEntry) bool
+}
+
+// HeldEntry is an entry offered to Visitor.Held: a file (File set) or a
+// blob (Blob set).
+type HeldEntry struct {
+	File *FileEntry
+	Blob *BlobEntry
 }
 
 // Read streams a bundle, verifying every entry against the manifest: names
@@ -59,6 +76,9 @@ type Visitor struct {
 // build output) to authenticate the whole.
 func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 	tr := &ustarReader{r: bufio.NewReaderSize(r, 1<<20)}
+	if sk, ok := r.(io.ReadSeeker); ok {
+		tr.seeker = sk
+	}
 
 	hdr, err := tr.next("")
 	if err == io.EOF {
@@ -155,6 +175,28 @@ func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 		}
 		if e.file != "" && m.Role == "worker" && contentScanned(e.file) {
 			vr.secrets = &secretScan{}
+		}
+		if v.Held != nil {
+			var held HeldEntry
+			hexDigest := strings.TrimPrefix(name, blobsPrefix)
+			_, isImageManifest := imageManifests[hexDigest]
+			switch {
+			case e.file != "" && vr.secrets == nil:
+				fe := files[e.file]
+				held.File = &fe
+			case e.file == "" && strings.HasPrefix(name, blobsPrefix) && !isImageManifest:
+				be := blobs[hexDigest]
+				held.Blob = &be
+			}
+			if (held.File != nil || held.Blob != nil) && v.Held(held) {
+				if err := tr.skip(name, e.size); err != nil {
+					return nil, "", err
+				}
+				if err := tr.padding(hdr); err != nil {
+					return nil, "", err
+				}
+				continue
+			}
 		}
 		var visit func() error
 		switch {

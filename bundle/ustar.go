@@ -62,6 +62,33 @@ func (h ustarHeader) checkMode(want int64) error {
 type ustarReader struct {
 	r   *bufio.Reader
 	blk [blockSize]byte
+	// seeker is the file under r, when it can seek: skip then moves past
+	// data instead of reading it.
+	seeker io.ReadSeeker
+}
+
+// skip passes over n bytes of entry name's data without looking at them.
+func (t *ustarReader) skip(name string, n int64) error {
+	if buffered := int64(t.r.Buffered()); t.seeker != nil && n > buffered {
+		t.r.Discard(int(buffered))
+		pos, err := t.seeker.Seek(n-buffered, io.SeekCurrent)
+		if err != nil {
+			return &EntryError{Entry: name, Err: fmt.Errorf("seeking past the entry: %w", err)}
+		}
+		end, err := t.seeker.Seek(0, io.SeekEnd)
+		if err == nil && end < pos {
+			return &EntryError{Entry: name, Err: ErrTruncated}
+		}
+		if _, err := t.seeker.Seek(pos, io.SeekStart); err != nil {
+			return &EntryError{Entry: name, Err: fmt.Errorf("seeking past the entry: %w", err)}
+		}
+		t.r.Reset(t.seeker)
+		return nil
+	}
+	if _, err := t.r.Discard(int(n)); err != nil {
+		return &EntryError{Entry: name, Err: truncated(err)}
+	}
+	return nil
 }
 
 // next reads the next header, after the entry named after. At the

@@ -3,11 +3,8 @@ package phases
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -59,7 +56,7 @@ func (r *Run) sameCluster(files map[string][]byte) error {
 		if _, err := os.Lstat(r.path(fe.Path)); err != nil {
 			continue
 		}
-		if mode, err := fe.FileMode(); err == nil && unchanged(r.path(fe.Path), fe, mode) {
+		if mode, err := fe.FileMode(); err == nil && r.staged.hashes.unchanged(r.path(fe.Path), fe, mode) {
 			continue // exactly the bundle's: recording it as ours is true
 		}
 		theirs = append(theirs, fe.Path)
@@ -152,7 +149,7 @@ func (r *Run) writeEntries(ctx context.Context, keep func(path string) bool, con
 		}
 		target := r.path(fe.Path)
 		removeStaleTemps(target)
-		if unchanged(target, fe, mode) {
+		if r.staged.hashes.unchanged(target, fe, mode) {
 			same++
 			continue
 		}
@@ -285,23 +282,4 @@ func parent(p string) string {
 		}
 	}
 	return "/"
-}
-
-// unchanged reports whether target already holds exactly the entry, so a
-// re-run touches nothing, mtimes included.
-func unchanged(target string, fe bundle.FileEntry, mode fs.FileMode) bool {
-	info, err := os.Lstat(target)
-	if err != nil || !info.Mode().IsRegular() || info.Mode().Perm() != mode || info.Size() != fe.Size {
-		return false
-	}
-	f, err := os.Open(target)
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return false
-	}
-	return hex.EncodeToString(h.Sum(nil)) == fe.SHA256
 }

@@ -210,7 +210,22 @@ func runImages(ctx context.Context, r *Run) error {
 	}
 	// The first pass hashed every blob; containerd hashes again at commit
 	// and refuses a mismatch, so this pass need not.
-	visitor := bundle.Visitor{Blob: importBlob, BlobDigestsCheckedByConsumer: true}
+	visitor := bundle.Visitor{Blob: importBlob, BlobDigestsCheckedByConsumer: true,
+		// Files were verified and kept by the first pass, and blobs
+		// containerd holds need no import: pass over both unread. (If
+		// keeping one fails, the Blob callback meets and reports it.)
+		Held: func(e bundle.HeldEntry) bool {
+			if e.File != nil {
+				return true
+			}
+			d := digest.Digest(e.Blob.Digest)
+			if info, err := cs.Info(ctx, d); err != nil || info.Size != e.Blob.Size || keep(d) != nil {
+				return false
+			}
+			present++
+			return true
+		},
+	}
 	source := r.Bundle
 	if r.Manifest.Pack != "" {
 		// Thin: the blobs come from the pack, which must still be the one

@@ -207,7 +207,10 @@ func Apply(ctx context.Context, o Options) error {
 	}
 	staged := newStaging(o.Root, o.DryRun || !(o.Only == "" || o.Only == "files") || slices.Contains(o.SkipPhases, "files"))
 	defer staged.cleanup()
-	m, digest, files, err := verifyBundle(o.Bundle, vouch, staged)
+	// With the manifest digest vouched for, the host's own copies stand in
+	// for the bundle's bytes (trust.Vouch.ManifestBound).
+	vouch = vouch.ManifestBound()
+	m, digest, files, err := verifyBundle(ctx, o.Bundle, vouch, staged, o.CRISocket)
 	if err != nil {
 		return err
 	}
@@ -313,22 +316,35 @@ func (r *Run) path(hostPath string) string { return hostfs.Path(r.Root, hostPath
 // in memory and streaming the others (host binaries) to the staging area;
 // nothing else touches the host unless every byte matched. Phases use
 // these files and never re-read the bundle, so a bundle swapped on disk
-// later cannot slip unverified files in.
-func verifyBundle(path string, v trust.Vouch, staged *staging) (*bundle.Manifest, string, map[string][]byte, error) {
+// later cannot slip unverified files in. What the host already holds,
+// verified by digest (a large file in place, a blob in containerd), is
+// passed over rather than read: the result on the host is the same.
+func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *staging, criSocket string) (*bundle.Manifest, string, map[string][]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, "", nil, fmt.Errorf("opening bundle: %w", err)
 	}
 	defer f.Close()
 	files := map[string][]byte{}
-	m, digest, err := trust.Verify(f, v, bundle.Visitor{File: func(fe bundle.FileEntry, rd io.Reader) error {
-		if staged.takes(fe) {
-			return staged.stage(fe, rd)
-		}
-		b, err := io.ReadAll(rd)
-		files[fe.Path] = b
-		return err
-	}})
+	blobs := &heldBlobs{socket: func() string { return socketFrom(criSocket, files) }}
+	defer blobs.close()
+	m, digest, err := trust.Verify(f, v, bundle.Visitor{
+		File: func(fe bundle.FileEntry, rd io.Reader) error {
+			if staged.takes(fe) {
+				return staged.stage(fe, rd)
+			}
+			b, err := io.ReadAll(rd)
+			files[fe.Path] = b
+			return err
+		},
+		Held: func(e bundle.HeldEntry) bool {
+			if e.Blob != nil {
+				return blobs.holds(ctx, *e.Blob)
+			}
+			mode, err := e.File.FileMode()
+			return err == nil && staged.takes(*e.File) && staged.hashes.unchanged(hostfs.Path(staged.root, e.File.Path), *e.File, mode)
+		},
+	})
 	if err != nil {
 		staged.abandon()
 		return nil, "", nil, fmt.Errorf("verifying %s: %w", path, err)

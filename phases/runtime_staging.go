@@ -36,10 +36,12 @@ type staging struct {
 	dir     string            // created on the first staged file
 	made    []string          // directories created for it, deepest last
 	path    map[string]string // host path -> staged file
+	// hashes remembers the host files this run has hashed.
+	hashes *hostHashes
 }
 
 func newStaging(root string, discard bool) *staging {
-	return &staging{root: root, discard: discard, path: map[string]string{}}
+	return &staging{root: root, discard: discard, path: map[string]string{}, hashes: newHostHashes()}
 }
 
 // keptInMemory are the trees whose files phases read (keys, kubeconfigs,
@@ -63,7 +65,7 @@ func (s *staging) stage(fe bundle.FileEntry, rd io.Reader) error {
 	if err != nil {
 		return err
 	}
-	if s.discard || unchanged(hostfs.Path(s.root, fe.Path), fe, mode) {
+	if s.discard || s.hashes.unchanged(hostfs.Path(s.root, fe.Path), fe, mode) {
 		// Verified and dropped: the files phase leaves a file already in
 		// place alone (and refuses one that changed since).
 		_, err := io.Copy(io.Discard, rd)

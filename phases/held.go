@@ -1,0 +1,139 @@
+package phases
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
+	"io/fs"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/opencontainers/go-digest"
+
+	"airadm.dev/airadm/bundle"
+)
+
+// hostHashes remembers, for one run, the sha256 of host files it has
+// hashed, keyed by what stat says of them. A re-apply asks whether the
+// same large file (kubelet, containerd) is in place up to three times:
+// while verifying, in the cluster check and in the files phase. A file
+// whose size, mtime, ctime and inode are unchanged is not read again, as
+// git trusts its index; anything that rewrites a file changes its ctime.
+type hostHashes struct {
+	mu   sync.Mutex
+	seen map[string]statHash
+}
+
+type statHash struct {
+	size, ino, dev int64
+	mtime, ctime   syscall.Timespec
+	sha256         string
+}
+
+func newHostHashes() *hostHashes { return &hostHashes{seen: map[string]statHash{}} }
+
+func fingerprint(info fs.FileInfo) (statHash, bool) {
+	st, ok := info.Sys().(*syscall.Stat_t)
+	if !ok {
+		return statHash{}, false
+	}
+	return statHash{size: info.Size(), ino: int64(st.Ino), dev: int64(st.Dev), mtime: st.Mtim, ctime: st.Ctim}, true
+}
+
+// unchanged reports whether target already holds exactly the entry, so a
+// re-run touches nothing, mtimes included.
+func (h *hostHashes) unchanged(target string, fe bundle.FileEntry, mode fs.FileMode) bool {
+	info, err := os.Lstat(target)
+	if err != nil || !info.Mode().IsRegular() || info.Mode().Perm() != mode || info.Size() != fe.Size {
+		return false
+	}
+	fp, ok := fingerprint(info)
+	if ok && h != nil {
+		h.mu.Lock()
+		prev, known := h.seen[target]
+		h.mu.Unlock()
+		if known && prev.sha256 != "" && prev == (statHash{fp.size, fp.ino, fp.dev, fp.mtime, fp.ctime, prev.sha256}) {
+			return prev.sha256 == fe.SHA256
+		}
+	}
+	f, err := os.Open(target)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	sum := sha256.New()
+	if _, err := io.Copy(sum, f); err != nil {
+		return false
+	}
+	got := hex.EncodeToString(sum.Sum(nil))
+	if ok && h != nil {
+		// Stat again: a file written while it was read must not be
+		// remembered with the hash of what was read.
+		if after, err := f.Stat(); err == nil {
+			if fp2, ok := fingerprint(after); ok && fp2 == fp {
+				fp.sha256 = got
+				h.mu.Lock()
+				h.seen[target] = fp
+				h.mu.Unlock()
+			}
+		}
+	}
+	return got == fe.SHA256
+}
+
+// heldBlobs answers, during the verifying pass, whether containerd already
+// holds a blob: one it holds was checked against its digest when it was
+// committed, so the bundle's copy is neither hashed nor read. It connects
+// on the first blob (the kubelet config that names the socket is a file
+// entry, and files come before blobs) and answers no for everything when
+// containerd is not there to ask: a bare host verifies every byte.
+type heldBlobs struct {
+	socket func() string
+	once   sync.Once
+	client *containerd.Client
+}
+
+func (hb *heldBlobs) holds(ctx context.Context, b bundle.BlobEntry) bool {
+	hb.once.Do(func() {
+		sock := hb.socket()
+		if sock == "" {
+			return
+		}
+		if _, err := os.Stat(sock); err != nil {
+			return
+		}
+		c, err := containerd.New(sock, containerd.WithDefaultNamespace(criNamespace), containerd.WithTimeout(2*time.Second))
+		if err != nil {
+			return
+		}
+		hb.client = c
+	})
+	if hb.client == nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	info, err := hb.client.ContentStore().Info(ctx, digest.Digest(b.Digest))
+	return err == nil && info.Size == b.Size
+}
+
+func (hb *heldBlobs) close() {
+	if hb.client != nil {
+		hb.client.Close()
+	}
+}
+
+// socketFrom picks the runtime socket the way the images phase does (the
+// flag, else the bundle's kubelet config), from the files read so far.
+func socketFrom(flag string, files map[string][]byte) string {
+	r := &Run{Options: Options{CRISocket: flag}}
+	sock, err := r.criSocket(files)
+	if err != nil {
+		return ""
+	}
+	return sock
+}
