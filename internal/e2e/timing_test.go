@@ -109,7 +109,10 @@ func runStreaming(cmd *exec.Cmd, onLine func(line string, at time.Time)) (string
 // poll and reports when that was (zero if never). The same probe times
 // both kubeadm and airadm.
 func watchReadyz(ctx context.Context, addr string) func() time.Time {
-	ctx, cancel := context.WithCancel(ctx)
+	// stop ends the loop after the request in flight, which is not
+	// cancelled: when apply returns within a poll interval of /readyz (it
+	// takes ~20 ms after it), that request is the one that sees it.
+	stop := make(chan struct{})
 	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{
 		// Only the readiness answer is read, anonymously.
 		TLSClientConfig: &tls.Config{InsecureSkipVerify: true},
@@ -123,22 +126,26 @@ func watchReadyz(ctx context.Context, addr string) func() time.Time {
 		defer tick.Stop()
 		for ctx.Err() == nil {
 			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+addr+":6443/readyz", nil)
+			sent := time.Now()
 			if resp, err := client.Do(req); err == nil {
 				b, _ := io.ReadAll(resp.Body)
 				resp.Body.Close()
 				if resp.StatusCode == http.StatusOK && string(b) == "ok" {
-					at = time.Now()
+					// The answer was true somewhere between sending and now.
+					at = sent.Add(time.Since(sent) / 2)
 					return
 				}
 			}
 			select {
 			case <-ctx.Done():
+			case <-stop:
+				return
 			case <-tick.C:
 			}
 		}
 	}()
 	return func() time.Time {
-		cancel()
+		close(stop)
 		wg.Wait()
 		return at
 	}
