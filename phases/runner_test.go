@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -309,5 +311,54 @@ func TestPreflightRefusesWrongNodeAndClock(t *testing.T) {
 	}
 	if _, err := os.Stat(hostfs.Path(root, "/etc/kubernetes")); !os.IsNotExist(err) {
 		t.Error("files were written despite failed preflight")
+	}
+}
+
+// TestUpgradeDryRunAndRefusal: a node whose files are v1.36.3's, given a
+// v1.37.2 bundle with --dry-run, prints the upgrade plan per component
+// and changes nothing; a bundle older than the node is refused as bad
+// input (phases.ErrRefused, exit 2) before any phase runs.
+func TestUpgradeDryRunAndRefusal(t *testing.T) {
+	root := t.TempDir()
+	c := clustertest.New(t, cfg)
+	c.KubernetesVersion = "v1.36.3"
+	path, digest, _ := writeBundle(t, c)
+	if err := phases.Apply(context.Background(), opts(path, digest, root)); err != nil {
+		t.Fatal(err)
+	}
+	before := snapshot(t, root)
+
+	c.KubernetesVersion = "v1.37.2"
+	path, digest, _ = writeBundle(t, c)
+	var out bytes.Buffer
+	o := phases.Options{Bundle: path, ManifestDigest: digest, Root: root, Node: "cp1", DryRun: true, Out: &out, IgnorePreflight: []string{"all"}}
+	if err := phases.Apply(context.Background(), o); err != nil {
+		t.Fatalf("dry run: %v\n%s", err, out.String())
+	}
+	for _, want := range []string{
+		"upgrade of node cp1: Kubernetes v1.36.3 -> v1.37.2",
+		"plan: kube-apiserver           registry.k8s.io/kube-apiserver:v1.36.3 -> registry.k8s.io/kube-apiserver:v1.37.2",
+		"plan: etcd                     registry.k8s.io/etcd:3.7.0-0 (unchanged)",
+		"plan: kube-proxy               -> registry.k8s.io/kube-proxy:v1.37.2",
+		"plan: kubelet                  v1.36.3 -> v1.37.2",
+		"[upgrade-control-plane]",
+		"would back up /etc/kubernetes/manifests and /var/lib/etcd under /etc/kubernetes/tmp, then swap kube-apiserver, kube-controller-manager, kube-scheduler one at a time",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("the dry run does not say %q:\n%s", want, out.String())
+		}
+	}
+	if after := snapshot(t, root); !maps.Equal(before, after) {
+		t.Error("the dry run changed the host")
+	}
+
+	c.KubernetesVersion = "v1.35.9"
+	path, digest, _ = writeBundle(t, c)
+	o = phases.Options{Bundle: path, ManifestDigest: digest, Root: root, Node: "cp1", Out: io.Discard, IgnorePreflight: []string{"all"}}
+	if err := phases.Apply(context.Background(), o); !errors.Is(err, phases.ErrRefused) || !strings.Contains(err.Error(), "does not downgrade") {
+		t.Errorf("an older bundle: %v, want refused as a downgrade", err)
+	}
+	if after := snapshot(t, root); !maps.Equal(before, after) {
+		t.Error("the refused apply changed the host")
 	}
 }

@@ -209,7 +209,9 @@ func (r *Run) upgradePreflight(ctx context.Context) error {
 		}
 		r.logf("  the API server runs %s", sv.GitVersion)
 	}
-	if !r.worker() {
+	if !r.worker() && r.DryRun {
+		r.logf("  skipped: etcd health (dry run)")
+	} else if !r.worker() {
 		if err := etcdHealthy(ctx, r.files); err != nil {
 			return fmt.Errorf("etcd is not healthy, so nothing was changed: %w", err)
 		}
