@@ -19,6 +19,7 @@ import (
 type ApplyCmd struct {
 	authFlags
 	Root                  string        `default:"/" help:"Treat DIR as the host's / (tests, image building)."`
+	Identity              string        `type:"path" placeholder:"FILE" help:"Key that decrypts the bundle's encrypted secrets: an OpenSSH private key or an age identity file (default: /etc/ssh/ssh_host_ed25519_key under --root)."`
 	DryRun                bool          `help:"Print what each phase would do; change nothing."`
 	SkipPhases            []string      `sep:"," help:"Phases to skip: ${phases}."`
 	Node                  string        `help:"Apply even though the host name differs from the bundle's node."`
@@ -68,7 +69,7 @@ func (cmd *ApplyCmd) Run(env *Env) error {
 		fmt.Fprintf(env.Stderr, "warning: %s is checked for integrity only: %s\n", path, v.Why)
 	}
 	return apply(phases.Options{
-		Bundle: path, ManifestDigest: v.ManifestDigest, FileSHA256: v.FileSHA256, AuthenticatedBy: v.From, SignedBy: v.SignedBy, SignerTrusted: v.SignerTrusted, Root: cmd.Root, DryRun: cmd.DryRun, Node: cmd.Node,
+		Bundle: path, ManifestDigest: v.ManifestDigest, FileSHA256: v.FileSHA256, AuthenticatedBy: v.From, SignedBy: v.SignedBy, SignerTrusted: v.SignerTrusted, Identity: cmd.Identity, Root: cmd.Root, DryRun: cmd.DryRun, Node: cmd.Node,
 		SkipPhases: cmd.SkipPhases, Only: only,
 		IgnorePreflight: cmd.IgnorePreflightErrors, Out: env.Stdout, Now: env.Now,
 		CRISocket: cmd.CRISocket, ContainerdConfig: cmd.ContainerdConfig, Kubelet: cmd.Kubelet, KubeletBinary: cmd.KubeletBinary,

@@ -164,12 +164,16 @@ func (cmd *VerifyCmd) Run(env *Env) error {
 			"bundle": cmd.Bundle, "ok": true, "cluster": m.Cluster, "node": m.Node, "role": m.Role,
 			"files": len(m.Files), "images": len(m.Images), "blobs": len(m.Blobs),
 			"pack": pack, "authenticatedBy": v.From, "fileSHA256Checked": v.FileSHA256 != "", "manifestDigestChecked": v.ManifestDigest != "",
-			"signedBy": v.SignedBy, "signerTrusted": v.SignerTrusted,
+			"signedBy": v.SignedBy, "signerTrusted": v.SignerTrusted, "recipient": m.Recipient,
 		})
 	}
 	in := ""
 	if pack != "" {
 		in = " in " + pack
+	}
+	if m.Recipient != "" {
+		// Checked as ciphertext: verify holds no key.
+		in += ", secrets encrypted to " + m.Recipient
 	}
 	fmt.Fprintf(env.Stdout, "%s: ok: %s %s (%s), %d files, %d images, %d blobs%s; %s\n",
 		cmd.Bundle, m.Cluster, m.Node, m.Role, len(m.Files), len(m.Images), len(m.Blobs), in, v.Describe())
@@ -195,16 +199,25 @@ type inspection struct {
 	*bundle.Manifest
 	ManifestDigest string     `json:"manifestDigest"`
 	Certificates   []certInfo `json:"certificates"`
+	// Encrypted lists, for each encrypted file, its age header's recipient
+	// stanzas: to whom it is encrypted, read without a key.
+	Encrypted map[string][]trust.Stanza `json:"encrypted,omitempty"`
 }
 
 func (cmd *InspectCmd) Run(env *Env) error {
 	var certs []certInfo
+	encrypted := map[string][]trust.Stanza{}
 	f, err := os.Open(cmd.Bundle)
 	if err != nil {
 		return usageError{fmt.Errorf("opening bundle: %w", err)}
 	}
 	defer f.Close()
 	m, digest, err := bundle.Read(f, bundle.Visitor{File: func(fe bundle.FileEntry, r io.Reader) error {
+		if fe.Encrypted() {
+			st, err := trust.Stanzas(r)
+			encrypted[fe.Path] = st
+			return err
+		}
 		if !strings.HasSuffix(fe.Path, ".crt") && !strings.HasSuffix(fe.Path, ".conf") {
 			return nil
 		}
@@ -221,7 +234,10 @@ func (cmd *InspectCmd) Run(env *Env) error {
 	if cmd.JSON {
 		enc := json.NewEncoder(env.Stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(inspection{Manifest: m, ManifestDigest: digest, Certificates: certs})
+		if len(encrypted) == 0 {
+			encrypted = nil
+		}
+		return enc.Encode(inspection{Manifest: m, ManifestDigest: digest, Certificates: certs, Encrypted: encrypted})
 	}
 	w := env.Stdout
 	fmt.Fprintf(w, "bundle      %s\nmanifest    %s\ncluster     %s\nnode        %s (%s)\nkubernetes  %s\nbuilt       %s\n",
@@ -229,9 +245,16 @@ func (cmd *InspectCmd) Run(env *Env) error {
 	if m.Pack != "" {
 		fmt.Fprintf(w, "pack        %s (thin: its images are in the image pack of this digest)\n", m.Pack)
 	}
+	if m.Recipient != "" {
+		fmt.Fprintf(w, "secrets     %d files encrypted to %s\n", len(encrypted), m.Recipient)
+	}
 	fmt.Fprintf(w, "\nfiles (%d)\n", len(m.Files))
 	for _, fe := range m.Files {
-		fmt.Fprintf(w, "  %s %9s  sha256:%s  %s\n", fe.Mode, humanBytes(fe.Size), fe.SHA256[:12], fe.Path)
+		fmt.Fprintf(w, "  %s %9s  sha256:%s  %s", fe.Mode, humanBytes(fe.Size), fe.SHA256[:12], fe.Path)
+		if fe.Encrypted() {
+			fmt.Fprintf(w, "  [age: %s]", trust.DescribeStanzas(encrypted[fe.Path], m.Recipient))
+		}
+		fmt.Fprintln(w)
 	}
 	fmt.Fprintf(w, "\nimages (%d)\n", len(m.Images))
 	for _, im := range m.Images {

@@ -1,9 +1,14 @@
 package main
 
 import (
+	"archive/tar"
 	"bytes"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -14,6 +19,10 @@ import (
 	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
+
+	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/render"
+	"airadm.dev/airadm/trust"
 )
 
 func TestMain(m *testing.M) {
@@ -80,6 +89,23 @@ func TestScript(t *testing.T) {
 				if !errors.As(err, &ee) || ee.ExitCode() != 2 {
 					ts.Fatalf("%s: want exit status 2, got %v", args[0], err)
 				}
+			},
+			// reencrypt [-truncate] SRC IDENTITY RECIPIENTFILE DST: DST is
+			// bundle SRC with every encrypted file decrypted with IDENTITY
+			// and encrypted again by the real age CLI to the recipient in
+			// RECIPIENTFILE, the manifest updated to match; with -truncate,
+			// each such entry is cut inside its age header instead.
+			"reencrypt": func(ts *testscript.TestScript, neg bool, args []string) {
+				truncate := len(args) > 0 && args[0] == "-truncate"
+				if truncate {
+					args = args[1:]
+				}
+				if neg || len(args) != 4 {
+					ts.Fatalf("usage: reencrypt [-truncate] SRC IDENTITY RECIPIENTFILE DST")
+				}
+				rcpt, err := os.ReadFile(ts.MkAbs(args[2]))
+				ts.Check(err)
+				ts.Check(reencrypt(ts.MkAbs(args[0]), ts.MkAbs(args[1]), strings.TrimSpace(string(rcpt)), ts.MkAbs(args[3]), truncate))
 			},
 			// truncate SRC LEN DST: DST is the first LEN bytes of SRC.
 			"truncate": func(ts *testscript.TestScript, neg bool, args []string) {
@@ -162,4 +188,99 @@ func TestExitCodes(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "host")); !os.IsNotExist(err) {
 		t.Error("apply of a damaged bundle created the host root")
 	}
+}
+
+// reencrypt rewrites a bundle as the reencrypt script command says, with
+// the header conventions bundle.Write uses.
+func reencrypt(src, identity, recipient, dst string, truncate bool) error {
+	id, err := trust.LoadIdentity(identity)
+	if err != nil {
+		return err
+	}
+	f, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	type entry struct {
+		hdr  *tar.Header
+		data []byte
+	}
+	var entries []entry
+	tr := tar.NewReader(f)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		b, err := io.ReadAll(tr)
+		if err != nil {
+			return err
+		}
+		entries = append(entries, entry{h, b})
+	}
+	m, err := bundle.DecodeManifest(entries[0].data)
+	if err != nil {
+		return err
+	}
+	for i, fe := range m.Files {
+		if !fe.Encrypted() {
+			continue
+		}
+		for j := range entries {
+			if entries[j].hdr.Name != "files"+fe.Path {
+				continue
+			}
+			r, err := id.Decrypt(bytes.NewReader(entries[j].data))
+			if err != nil {
+				return err
+			}
+			plain, err := io.ReadAll(r)
+			if err != nil {
+				return err
+			}
+			cmd := exec.Command("age", "-e", "-r", recipient)
+			cmd.Stdin = bytes.NewReader(plain)
+			var out, errOut bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &out, &errOut
+			if err := cmd.Run(); err != nil {
+				return fmt.Errorf("age -e (Debian package age): %v: %s", err, errOut.String())
+			}
+			data := out.Bytes()
+			if truncate {
+				data = data[:30] // inside "age-encryption.org/v1\n-> X25519 ..."
+			}
+			sum := sha256.Sum256(data)
+			m.Files[i].Size, m.Files[i].SHA256 = int64(len(data)), hex.EncodeToString(sum[:])
+			entries[j].data = data
+		}
+	}
+	if _, m.Recipient, err = render.ParseRecipient(recipient); err != nil {
+		return err
+	}
+	if entries[0].data, err = m.Encode(); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return err
+	}
+	out, err := os.Create(dst)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	tw := tar.NewWriter(out)
+	for _, e := range entries {
+		h := &tar.Header{Typeflag: tar.TypeReg, Name: e.hdr.Name, Mode: e.hdr.Mode, Size: int64(len(e.data)), ModTime: time.Unix(0, 0).UTC(), Format: tar.FormatUSTAR}
+		if err := tw.WriteHeader(h); err != nil {
+			return err
+		}
+		if _, err := tw.Write(e.data); err != nil {
+			return err
+		}
+	}
+	return tw.Close()
 }

@@ -254,6 +254,15 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		for _, r := range c.NodeImages(n) {
 			contents.Images = append(contents.Images, byRef[r])
 		}
+		if n.Recipient != "" {
+			// Encrypted entries differ from build to build (age takes
+			// no random source), so these bundles are not reproducible
+			// byte for byte; their plaintext is.
+			if contents.Files, contents.Encrypted, err = trust.EncryptSecrets(contents.Files, n.Recipient); err != nil {
+				return nil, fmt.Errorf("building %s: %w", name, err)
+			}
+			contents.Recipient = n.Recipient
+		}
 		b, err := writeBundle(ctx, filepath.Join(staging, name+".bundle"), contents, cache)
 		if err != nil {
 			return nil, fmt.Errorf("building %s: %w", name, err)

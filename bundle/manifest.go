@@ -23,8 +23,16 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
-// FormatVersion is the version of the format this package writes and reads.
-const FormatVersion = 1
+// FormatVersion is the newest version of the format this package writes
+// and reads. Writers write the lowest version that describes a bundle:
+// version 1 unless it uses a member version 2 added (recipient,
+// files[].encryption), so bundles without encrypted files stay readable by
+// version-1 readers and keep their bytes.
+const FormatVersion = 2
+
+// Encryption is the one value of files[].encryption: the entry's data is an
+// age file (age-encryption.org/v1) whose plaintext is the host file.
+const Encryption = "age"
 
 // Entry names inside the tar.
 const (
@@ -51,6 +59,10 @@ type Manifest struct {
 	// not entries of the bundle but of the image pack whose digest (the
 	// sha256 of the pack's index) this is (docs/bundle-format.md).
 	Pack string `json:"pack,omitempty"`
+	// Recipient is the node's recipient from cluster.toml (an age X25519
+	// recipient or an SSH ed25519 public key without comment), to which
+	// every encrypted file is encrypted; set only if some file is.
+	Recipient string `json:"recipient,omitempty"`
 }
 
 // FileEntry is one host file, stored at files/<path without leading slash>.
@@ -59,7 +71,13 @@ type FileEntry struct {
 	Mode   string `json:"mode"` // octal, such as "0600"
 	Size   int64  `json:"size"`
 	SHA256 string `json:"sha256"` // lowercase hex
+	// Encryption is "age" when the entry's data (which Size and SHA256
+	// describe) is an age file encrypted to the manifest's Recipient.
+	Encryption string `json:"encryption,omitempty"`
 }
+
+// Encrypted reports whether the entry holds ciphertext.
+func (f FileEntry) Encrypted() bool { return f.Encryption != "" }
 
 // ImageEntry is one image of the OCI layout: the platform-specific manifest
 // that its reference resolves to on the build machine.
@@ -103,14 +121,36 @@ var (
 	// that images/index.json has one spelling (docs/bundle-format.md).
 	refRE      = regexp.MustCompile(`^[A-Za-z0-9._:/@+-]+$`)
 	platformRE = regexp.MustCompile(`^[a-z0-9._-]+/[a-z0-9._-]+(/[a-z0-9._-]+)?$`)
+	// recipientRE is the manifest's spelling of a recipient: canonical, with
+	// no comment, so that one key has one spelling.
+	recipientRE = regexp.MustCompile(`^(age1[02-9ac-hj-np-z]{58}|ssh-ed25519 [A-Za-z0-9+/]+={0,2})$`)
 )
 
 // validate checks what a reader must not trust: paths that could escape,
 // duplicates and order, malformed digests, references and platforms,
 // images without their blobs, and private keys in a worker's bundle.
 func (m *Manifest) validate() error {
-	if m.FormatVersion != FormatVersion {
-		return fmt.Errorf("format version %d is not supported (this airadm reads version %d)", m.FormatVersion, FormatVersion)
+	if m.FormatVersion < 1 || m.FormatVersion > FormatVersion {
+		return fmt.Errorf("format version %d is not supported (this airadm reads versions 1 to %d)", m.FormatVersion, FormatVersion)
+	}
+	switch want := m.lowestVersion(); {
+	case m.FormatVersion < want:
+		return fmt.Errorf("format version is %d, but member %q is version %d's", m.FormatVersion, m.v2Member(), want)
+	case m.FormatVersion > want:
+		return fmt.Errorf("format version is %d, but the manifest uses nothing newer than version %d: writers write the lowest version that describes the bundle", m.FormatVersion, want)
+	}
+	encrypted := false
+	for _, f := range m.Files {
+		if f.Encryption != "" && f.Encryption != Encryption {
+			return fmt.Errorf("file %s: encryption %q is not %q", f.Path, f.Encryption, Encryption)
+		}
+		encrypted = encrypted || f.Encrypted()
+	}
+	if encrypted != (m.Recipient != "") {
+		return fmt.Errorf("recipient and encrypted files go together: a manifest names a recipient exactly when some file is encrypted")
+	}
+	if m.Recipient != "" && !recipientRE.MatchString(m.Recipient) {
+		return fmt.Errorf("recipient %q is neither age1... nor ssh-ed25519 <base64>", m.Recipient)
 	}
 	if m.Node == "" || m.Cluster == "" || (m.Role != "control-plane" && m.Role != "worker") {
 		return fmt.Errorf("cluster, node and role (control-plane or worker) are required")
@@ -195,6 +235,27 @@ func validateImages(images []ImageEntry, blobList []BlobEntry) error {
 		}
 	}
 	return nil
+}
+
+// lowestVersion is the version a manifest's members call for.
+func (m *Manifest) lowestVersion() int {
+	if m.v2Member() != "" {
+		return 2
+	}
+	return 1
+}
+
+// v2Member names a member in use that version 2 added, or "".
+func (m *Manifest) v2Member() string {
+	if m.Recipient != "" {
+		return "recipient"
+	}
+	for _, f := range m.Files {
+		if f.Encrypted() {
+			return "files[].encryption"
+		}
+	}
+	return ""
 }
 
 // ascending enforces the manifest's strict sorts, which make the entry
@@ -384,6 +445,7 @@ var manifestSchema = []member{
 	{name: "buildTime", kind: kTime},
 	{name: "files", kind: kArray, fields: []member{
 		{name: "path", kind: kString}, {name: "mode", kind: kString}, {name: "size", kind: kInteger}, {name: "sha256", kind: kString},
+		{name: "encryption", kind: kString, optional: true},
 	}},
 	{name: "images", kind: kArray, fields: []member{
 		{name: "ref", kind: kString}, {name: "digest", kind: kString}, {name: "mediaType", kind: kString},
@@ -394,6 +456,7 @@ var manifestSchema = []member{
 		{name: "digest", kind: kString}, {name: "size", kind: kInteger},
 	}},
 	{name: "pack", kind: kString, optional: true},
+	{name: "recipient", kind: kString, optional: true},
 }
 
 var (

@@ -173,7 +173,9 @@ func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 		if v.BlobDigestsCheckedByConsumer && v.Blob != nil && strings.HasPrefix(name, blobsPrefix) {
 			vr.sum, vr.wantHex = nil, ""
 		}
-		if e.file != "" && m.Role == "worker" && contentScanned(e.file) {
+		if e.file != "" && m.Role == "worker" && contentScanned(e.file) && !files[e.file].Encrypted() {
+			// Ciphertext is not scanned (apply scans the plaintext,
+			// ScanSecrets): a reader without the key cannot see it.
 			vr.secrets = &secretScan{}
 		}
 		if v.Held != nil {
@@ -356,4 +358,19 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 		return n, truncated(err)
 	}
 	return n, err
+}
+
+// ScanSecrets applies the worker rule on file contents (docs/bundle-format.md,
+// "Secrets") to the plaintext of an encrypted file of m, which Read could
+// not see: apply calls it once it has decrypted the entry.
+func ScanSecrets(m *Manifest, f FileEntry, plaintext []byte) error {
+	if m.Role != "worker" || !contentScanned(f.Path) {
+		return nil
+	}
+	for _, mk := range secretMarkers {
+		if bytes.Contains(plaintext, mk) {
+			return fmt.Errorf("file %s holds %q: a worker's bundle must not carry a private key", f.Path, mk)
+		}
+	}
+	return nil
 }

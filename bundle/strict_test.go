@@ -43,6 +43,13 @@ func TestDecodeManifestStrict(t *testing.T) {
 		{"empty kubernetes version", `"kubernetesVersion": "` + render.KubernetesVersion + `"`, `"kubernetesVersion": ""`, `kubernetesVersion is empty`},
 		{"blob listed twice", `"blobs": [`, `"blobs": [{"digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000", "size": 1}, {"digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000", "size": 1},`, `blob sha256:0000000000000000000000000000000000000000000000000000000000000000 is listed twice`},
 		{"invalid UTF-8", `"cluster": "v"`, "\"cluster\": \"v\xff\"", `not valid UTF-8`},
+		// Version 2 (docs/bundle-format.md, "Encrypted files"): its members
+		// only in version 2, and version 2 only with them.
+		{"encryption in version 1", `"sha256": "`, `"encryption": "age", "sha256": "`, `format version is 1, but member "files[].encryption" is version 2's`},
+		{"version 2 without its members", `"formatVersion": 1`, `"formatVersion": 2`, `format version is 2, but the manifest uses nothing newer than version 1`},
+		{"version 3", `"formatVersion": 1`, `"formatVersion": 3`, `format version 3 is not supported (this airadm reads versions 1 to 2)`},
+		{"recipient without encrypted files", `"formatVersion": 1`, `"formatVersion": 2, "recipient": "age1at8r2t4p34c0nyeu0va2zd7e9sq36zs83hu953gelrlxvrcd0p5qvs6prr"`, `a manifest names a recipient exactly when some file is encrypted`},
+		{"empty encryption", `"sha256": "`, `"encryption": "", "sha256": "`, `files[0].encryption is present but empty; writers omit it`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if !bytes.Contains(valid, []byte(tc.old)) {
@@ -57,6 +64,36 @@ func TestDecodeManifestStrict(t *testing.T) {
 	big := append(bytes.Repeat([]byte(" "), 64<<20), valid...)
 	if _, err := bundle.DecodeManifest(big); err == nil || !strings.Contains(err.Error(), "larger than the 67108864 a manifest may have") {
 		t.Errorf("oversized manifest: %v", err)
+	}
+}
+
+// TestDecodeManifestVersion2 checks the version-2 members together: a
+// recipient and encrypted files go together, with one encryption and one
+// spelling of the recipient.
+func TestDecodeManifestVersion2(t *testing.T) {
+	valid := entries(t, tinyBundle(t))[0].data
+	const rcpt = `"age1at8r2t4p34c0nyeu0va2zd7e9sq36zs83hu953gelrlxvrcd0p5qvs6prr"`
+	for _, tc := range []struct {
+		name, encryption, recipient, want string
+	}{
+		{"age file to a recipient", `"age"`, rcpt, ""},
+		{"ssh recipient", `"age"`, `"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH0VmXz4J1mYcR9rY0ZCmPm8Wc1l2RL2z0b3q4Qd0mnm"`, ""},
+		{"no recipient", `"age"`, ``, `a manifest names a recipient exactly when some file is encrypted`},
+		{"another encryption", `"gpg"`, rcpt, `encryption "gpg" is not "age"`},
+		{"recipient with a comment", `"age"`, `"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH0VmXz4J1mYcR9rY0ZCmPm8Wc1l2RL2z0b3q4Qd0mnm root@w1"`, `is neither age1... nor ssh-ed25519 <base64>`},
+		{"upper-case age recipient", `"age"`, strings.ToUpper(rcpt), `is neither age1...`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := bytes.Replace(valid, []byte(`"formatVersion": 1`), []byte(`"formatVersion": 2`), 1)
+			m = bytes.Replace(m, []byte(`"sha256": "`), []byte(`"encryption": `+tc.encryption+`, "sha256": "`), 1)
+			if tc.recipient != "" {
+				m = bytes.Replace(m, []byte(`"blobs": [`), []byte(`"recipient": `+tc.recipient+`, "blobs": [`), 1)
+			}
+			_, err := bundle.DecodeManifest(m)
+			if (err == nil) != (tc.want == "") || (err != nil && !strings.Contains(err.Error(), tc.want)) {
+				t.Errorf("err = %v, want %q", err, tc.want)
+			}
+		})
 	}
 }
 

@@ -46,6 +46,11 @@ type Contents struct {
 	// Pack, when set, is the digest of the image pack that carries Images:
 	// the bundle is thin, listing its images and blobs without holding them.
 	Pack string
+	// Recipient and Encrypted: the Files at the paths in Encrypted hold
+	// age files encrypted to Recipient (trust.EncryptSecrets makes them),
+	// which the manifest marks as such.
+	Recipient string
+	Encrypted map[string]bool
 }
 
 // StoredFile is a host file whose contents are the blob Digest.
@@ -63,7 +68,6 @@ var epoch = time.Unix(0, 0).UTC()
 // Manifest computes the manifest of c.
 func (c Contents) Manifest() (*Manifest, error) {
 	m := &Manifest{
-		FormatVersion:     FormatVersion,
 		Cluster:           c.Cluster,
 		Node:              c.Node,
 		Role:              c.Role,
@@ -73,16 +77,22 @@ func (c Contents) Manifest() (*Manifest, error) {
 		Images:            []ImageEntry{},
 		Blobs:             []BlobEntry{},
 		Pack:              c.Pack,
+		Recipient:         c.Recipient,
 	}
 	for _, f := range c.Files {
 		sum := sha256.Sum256(f.Data)
-		m.Files = append(m.Files, FileEntry{Path: f.Path, Mode: fmt.Sprintf("%04o", f.Mode.Perm()), Size: int64(len(f.Data)), SHA256: hex.EncodeToString(sum[:])})
+		fe := FileEntry{Path: f.Path, Mode: fmt.Sprintf("%04o", f.Mode.Perm()), Size: int64(len(f.Data)), SHA256: hex.EncodeToString(sum[:])}
+		if c.Encrypted[f.Path] {
+			fe.Encryption = Encryption
+		}
+		m.Files = append(m.Files, fe)
 	}
 	for _, f := range c.StoredFiles {
 		m.Files = append(m.Files, FileEntry{Path: f.Path, Mode: fmt.Sprintf("%04o", f.Mode.Perm()), Size: f.Size, SHA256: f.Digest.Hex})
 	}
 	sort.Slice(m.Files, func(i, j int) bool { return m.Files[i].Path < m.Files[j].Path })
 	m.Images, m.Blobs = imageEntries(c.Images)
+	m.FormatVersion = m.lowestVersion()
 	if err := m.validate(); err != nil {
 		return nil, fmt.Errorf("building manifest: %w", err)
 	}

@@ -2,6 +2,8 @@ package phases
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -74,8 +76,12 @@ type Options struct {
 	AuthenticatedBy string
 	// SignedBy and SignerTrusted say who signed the SHA256SUMS that
 	// vouched, for the log (trust.Vouch).
-	SignedBy        string
-	SignerTrusted   bool
+	SignedBy      string
+	SignerTrusted bool
+	// Identity is the key that decrypts the bundle's encrypted files (an
+	// OpenSSH private key or an age identity file); empty means the host
+	// key, trust.DefaultIdentity under Root.
+	Identity        string
 	Root            string // "/" on a real host
 	DryRun          bool
 	SkipPhases      []string
@@ -210,7 +216,11 @@ func Apply(ctx context.Context, o Options) error {
 	// With the manifest digest vouched for, the host's own copies stand in
 	// for the bundle's bytes (trust.Vouch.ManifestBound).
 	vouch = vouch.ManifestBound()
-	m, digest, files, err := verifyBundle(ctx, o.Bundle, vouch, staged, o.CRISocket)
+	identity := o.Identity
+	if identity == "" {
+		identity = hostfs.Path(o.Root, trust.DefaultIdentity)
+	}
+	m, digest, files, err := verifyBundle(ctx, o.Bundle, vouch, staged, o.CRISocket, identity)
 	if err != nil {
 		return err
 	}
@@ -319,7 +329,16 @@ func (r *Run) path(hostPath string) string { return hostfs.Path(r.Root, hostPath
 // later cannot slip unverified files in. What the host already holds,
 // verified by digest (a large file in place, a blob in containerd), is
 // passed over rather than read: the result on the host is the same.
-func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *staging, criSocket string) (*bundle.Manifest, string, map[string][]byte, error) {
+//
+// Encrypted files are decrypted as they stream past, with the identity
+// read from identityPath at the first of them, and kept in memory (they
+// are keys and kubeconfigs); they are never passed over, since the host
+// holds plaintext. A file that does not decrypt (another key, a damaged
+// header) fails the whole read, before anything is written. The returned
+// manifest then describes them as the host sees them: plaintext size and
+// sha256, no encryption, so that the files phase compares and writes
+// plaintext.
+func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *staging, criSocket, identityPath string) (*bundle.Manifest, string, map[string][]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, "", nil, fmt.Errorf("opening bundle: %w", err)
@@ -328,8 +347,26 @@ func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *stagi
 	files := map[string][]byte{}
 	blobs := &heldBlobs{socket: func() string { return socketFrom(criSocket, files) }}
 	defer blobs.close()
+	plain := map[string]bundle.FileEntry{}
+	var id *trust.Identity
 	m, digest, err := trust.Verify(f, v, bundle.Visitor{
 		File: func(fe bundle.FileEntry, rd io.Reader) error {
+			if fe.Encrypted() {
+				if id == nil {
+					var err error
+					if id, err = trust.LoadIdentity(identityPath); err != nil {
+						return fmt.Errorf("encrypted, with no key to decrypt it: %w (pass --identity with the node's key)", err)
+					}
+				}
+				b, err := decryptEntry(id, fe, rd)
+				if err != nil {
+					return err
+				}
+				files[fe.Path] = b
+				sum := sha256.Sum256(b)
+				plain[fe.Path] = bundle.FileEntry{Path: fe.Path, Mode: fe.Mode, Size: int64(len(b)), SHA256: hex.EncodeToString(sum[:])}
+				return nil
+			}
 			if staged.takes(fe) {
 				return staged.stage(fe, rd)
 			}
@@ -342,14 +379,43 @@ func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *stagi
 				return blobs.holds(ctx, *e.Blob)
 			}
 			mode, err := e.File.FileMode()
-			return err == nil && staged.takes(*e.File) && staged.hashes.unchanged(hostfs.Path(staged.root, e.File.Path), *e.File, mode)
+			return err == nil && !e.File.Encrypted() && staged.takes(*e.File) && staged.hashes.unchanged(hostfs.Path(staged.root, e.File.Path), *e.File, mode)
 		},
 	})
 	if err != nil {
 		staged.abandon()
 		return nil, "", nil, fmt.Errorf("verifying %s: %w", path, err)
 	}
+	for i, fe := range m.Files {
+		p, ok := plain[fe.Path]
+		if !ok {
+			continue
+		}
+		if err := bundle.ScanSecrets(m, p, files[fe.Path]); err != nil {
+			staged.abandon()
+			return nil, "", nil, fmt.Errorf("verifying %s: %w", path, &bundle.EntryError{Entry: "files" + fe.Path, Err: err})
+		}
+		m.Files[i] = p
+	}
 	return m, digest, files, nil
+}
+
+// decryptEntry decrypts one age file. The plaintext is never longer than
+// the ciphertext, which bounds what is read; the ciphertext is read to its
+// end, so its digest is checked before the plaintext is used.
+func decryptEntry(id *trust.Identity, fe bundle.FileEntry, rd io.Reader) ([]byte, error) {
+	r, err := id.Decrypt(rd)
+	if err != nil {
+		return nil, err
+	}
+	b, err := io.ReadAll(io.LimitReader(r, fe.Size))
+	if err != nil {
+		return nil, fmt.Errorf("decrypting: %w", err)
+	}
+	if _, err := io.Copy(io.Discard, rd); err != nil {
+		return nil, err
+	}
+	return b, nil
 }
 
 // lockHost keeps two applies from interleaving on one host.

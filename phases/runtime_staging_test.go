@@ -59,7 +59,7 @@ func TestHostBinariesAreStagedNotKept(t *testing.T) {
 	path, bin := hostBinaryBundle(t)
 	root := t.TempDir()
 	st := newStaging(root, false)
-	_, _, files, err := verifyBundle(context.Background(), path, trust.Vouch{}, st, "")
+	_, _, files, err := verifyBundle(context.Background(), path, trust.Vouch{}, st, "", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +144,7 @@ func TestInPlaceHostBinaryIsNotStaged(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := newStaging(root, false)
-	m, digest, files, err := verifyBundle(context.Background(), path, trust.Vouch{}, st, "")
+	m, digest, files, err := verifyBundle(context.Background(), path, trust.Vouch{}, st, "", "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -84,6 +84,10 @@ type Node struct {
 	Gateway     netip.Addr
 	Nameservers []netip.Addr
 	Interface   string
+	// Recipient is the canonical form of the node's recipient (an age
+	// X25519 recipient, or an SSH ed25519 key without comment); empty
+	// means its secrets travel in the clear.
+	Recipient string
 }
 
 // Defaults of kubeadm v1.37.2 (cmd/kubeadm/app/apis/kubeadm/v1beta4/defaults.go
@@ -324,6 +328,13 @@ func (cfg *Config) validate() (*Cluster, []Problem) {
 			node.Address = addr
 		}
 		nodeNetwork(&p, field, n, &node)
+		if n.Recipient != "" {
+			if _, canon, err := ParseRecipient(n.Recipient); err != nil {
+				p.add(field+".recipient", "%v", err)
+			} else {
+				node.Recipient = canon
+			}
+		}
 		c.Nodes = append(c.Nodes, node)
 	}
 	if len(cfg.Nodes) == 0 {

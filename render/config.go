@@ -90,6 +90,9 @@ type NodeConfig struct {
 	Gateway     string   `toml:"gateway"`
 	Nameservers []string `toml:"nameservers"`
 	Interface   string   `toml:"interface"`
+	// Recipient, an age X25519 recipient or the host's SSH ed25519 public
+	// key, makes build encrypt the node's secrets to it.
+	Recipient string `toml:"recipient"`
 }
 
 // Problem is one thing wrong with a config file, located as precisely as the
