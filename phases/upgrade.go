@@ -180,6 +180,11 @@ func detectUpgrade(root string, m *bundle.Manifest, files map[string][]byte, j *
 func (r *Run) upgradePreflight(ctx context.Context) error {
 	u := r.upgrade
 	r.logf("  upgrade of node %s: Kubernetes %s -> %s", r.Manifest.Node, u.From, u.To)
+	if r.Drain && r.worker() {
+		// A worker holds only its kubelet's credential, which may not
+		// evict pods.
+		return fmt.Errorf("%w: --drain needs a cluster-admin credential, which a worker does not hold: drain it from a control plane (kubectl drain %s --ignore-daemonsets), apply this bundle without --drain, then uncordon it", ErrRefused, r.Manifest.Node)
+	}
 	if r.DryRun {
 		r.printUpgradePlan(ctx)
 	}
@@ -441,17 +446,23 @@ func (r *Run) waitStaticPod(ctx context.Context, cs kubernetes.Interface, compon
 	})
 }
 
-// backupDir copies the tree at src to dst (which must not exist), keeping
-// modes, as kubeadm's CopyDir (cp -r) does. A missing src is an empty
-// backup.
+// backupDir copies the tree at src to dst (which must not exist), as
+// kubeadm's CopyDir (cp -r) does, owner-only: etcd's data holds the
+// cluster's Secrets. A missing src is an empty backup.
 func backupDir(src, dst string) error {
 	if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
+		return err
+	}
+	if err := os.Chmod(filepath.Dir(dst), 0o700); err != nil {
 		return err
 	}
 	if _, err := os.Stat(src); errors.Is(err, fs.ErrNotExist) {
 		return os.Mkdir(dst, 0o700)
 	}
-	return os.CopyFS(dst, os.DirFS(src))
+	if err := os.CopyFS(dst, os.DirFS(src)); err != nil {
+		return err
+	}
+	return ownerOnly(dst)
 }
 
 // restoreDir replaces dst's content with the backup at src.
@@ -459,7 +470,24 @@ func restoreDir(src, dst string) error {
 	if err := os.RemoveAll(dst); err != nil {
 		return err
 	}
-	return os.CopyFS(dst, os.DirFS(src))
+	if err := os.CopyFS(dst, os.DirFS(src)); err != nil {
+		return err
+	}
+	return ownerOnly(dst)
+}
+
+// ownerOnly makes a copied tree 0700 directories and 0600 files (CopyFS
+// creates them by the umask), as etcd keeps its data directory.
+func ownerOnly(dir string) error {
+	return filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			return os.Chmod(p, 0o700)
+		}
+		return os.Chmod(p, 0o600)
+	})
 }
 
 // upgradeKubelet writes the kubelet's held-back files (binary, config,

@@ -2,6 +2,9 @@ package phases
 
 import (
 	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -97,5 +100,33 @@ func TestTagOf(t *testing.T) {
 		if got := tagOf(in); got != want {
 			t.Errorf("tagOf(%s) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestBackupDirOwnerOnly: the etcd data backup holds the cluster's
+// Secrets, so the copy is the owner's alone whatever the umask.
+func TestBackupDirOwnerOnly(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "etcd")
+	os.MkdirAll(filepath.Join(src, "member", "snap"), 0o755)
+	os.WriteFile(filepath.Join(src, "member", "snap", "db"), []byte("secrets"), 0o644)
+	dst := filepath.Join(t.TempDir(), "tmp", "kubeadm-backup-etcd-x")
+	if err := backupDir(src, dst); err != nil {
+		t.Fatal(err)
+	}
+	filepath.WalkDir(filepath.Dir(dst), func(p string, d fs.DirEntry, err error) error {
+		info, _ := d.Info()
+		if want := fs.FileMode(0o600); d.IsDir() && info.Mode().Perm() != 0o700 || !d.IsDir() && info.Mode().Perm() != want {
+			t.Errorf("%s is %v", p, info.Mode())
+		}
+		return nil
+	})
+	if b, _ := os.ReadFile(filepath.Join(dst, "member", "snap", "db")); string(b) != "secrets" {
+		t.Errorf("the copy holds %q", b)
+	}
+	if err := restoreDir(dst, src); err != nil {
+		t.Fatal(err)
+	}
+	if info, _ := os.Stat(src); info.Mode().Perm() != 0o700 {
+		t.Errorf("the restored data dir is %v", info.Mode())
 	}
 }
