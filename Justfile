@@ -29,6 +29,14 @@ k8sbin:
 e2e:
     ./hack/test -v -run TestEndToEnd ./internal/e2e
 
+# A worker as a real machine: a Debian VM under QEMU with only its cloud-init seed attached joins a native control plane.
+vm-e2e:
+    ./hack/test -v -run TestVMWorker ./internal/e2e
+
+# Not in CI: the control plane boots in a VM from its seed too (slow under TCG: allow half an hour).
+vm-e2e-full:
+    ./hack/test -v -tags vmfull -run TestVMFull ./internal/e2e
+
 # Render the quickstart control plane and a worker under out/.
 quickstart:
     rm -rf out/cp1 out/w1
