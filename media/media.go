@@ -67,6 +67,15 @@ type Source struct {
 	// Pack is the build's images.pack, verified, when the bundles are thin;
 	// every medium carries it once.
 	Pack *Bundle
+	// Signed holds the build's SHA256SUMS and SHA256SUMS.sig, byte for
+	// byte, when the build was signed: a medium then carries both as they
+	// are, since any other SHA256SUMS would break the signature.
+	Signed *SignedSums
+}
+
+// SignedSums is a signed build's SHA256SUMS and its signature.
+type SignedSums struct {
+	Sums, Sig []byte
 }
 
 // SizeLimit is the largest file a filesystem holds; the zero value is no
@@ -112,6 +121,20 @@ func Open(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Sour
 		return nil, &InputError{err}
 	}
 	src := &Source{Cluster: c, Dir: dir}
+	if sig, err := os.ReadFile(filepath.Join(dir, trust.SigFile)); err == nil {
+		raw, err := os.ReadFile(sumsPath)
+		if err != nil {
+			return nil, &InputError{fmt.Errorf("reading %s: %w", sumsPath, err)}
+		}
+		// Checked here against the key it names, and again, with the
+		// whole SHA256SUMS, as each bundle is verified (trust.Find).
+		if _, err := trust.CheckSignature(raw, sig, nil); err != nil {
+			return nil, &InputError{err}
+		}
+		src.Signed = &SignedSums{Sums: raw, Sig: sig}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("reading %s: %w", trust.SigFile, err)
+	}
 	for _, n := range chosen {
 		b := Bundle{Node: n, Name: n.Name + ".bundle"}
 		b.Path = filepath.Join(dir, b.Name)

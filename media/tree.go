@@ -84,7 +84,7 @@ func SeedTree(src *Source, runner, node string, fat bool) (Tree, error) {
 		return nil, err
 	}
 	seed := Seed(src.Cluster, b.Node, b.ManifestDigest)
-	one := &Source{Cluster: src.Cluster, Dir: src.Dir, Bundles: []Bundle{b}}
+	one := &Source{Cluster: src.Cluster, Dir: src.Dir, Bundles: []Bundle{b}, Signed: src.Signed}
 	if b.pack != "" {
 		one.Pack = src.Pack
 	}
@@ -142,6 +142,15 @@ func bundleFiles(src *Source, bs []Bundle, runnerSum string) Tree {
 		sums[src.Pack.Name] = trust.Sum{File: src.Pack.SHA256}
 	}
 	t := Tree{{Path: path.Join(BundleDir, trust.SumsFile), Mode: 0o644, Data: sums.Encode()}}
+	if src.Signed != nil {
+		// The build's own SHA256SUMS, which the signature covers: it may
+		// list bundles this medium lacks (sha256sum -c --ignore-missing),
+		// and not the runner, whose sha256 INSTALL.txt gives.
+		t = Tree{
+			{Path: path.Join(BundleDir, trust.SumsFile), Mode: 0o644, Data: src.Signed.Sums},
+			{Path: path.Join(BundleDir, trust.SigFile), Mode: 0o644, Data: src.Signed.Sig},
+		}
+	}
 	for i := range bs {
 		b := &bs[i]
 		t = append(t, File{Path: path.Join(BundleDir, b.Name), Mode: 0o600, From: b.Path, Size: b.Size, bundle: b, sum: b.SHA256})
@@ -159,11 +168,25 @@ func installText(src *Source, runnerSum string, m Mount) []byte {
 	var b strings.Builder
 	fmt.Fprintf(&b, "airadm install medium for cluster %s (Kubernetes %s)\n\n", c.Name, c.KubernetesVersion)
 	fmt.Fprintf(&b, "On each node, as root, mount this medium read-only:\n  %s\n\n", m.command())
-	b.WriteString(`Check every file, then the node's bundle, then bring the node up:
-  cd /mnt/bundles && sha256sum -c SHA256SUMS && cd /
+	if src.Signed != nil {
+		b.WriteString(`Check every file, then the node's bundle, then bring the node up:
+  cd /mnt/bundles && sha256sum -c --ignore-missing SHA256SUMS && cd /
+  sha256sum /mnt/airadm     # must be the runner's sha256 below
   /mnt/airadm verify /mnt/bundles/NODE.bundle
   /mnt/airadm apply /mnt/bundles/NODE.bundle
 
+SHA256SUMS is signed (bundles/SHA256SUMS.sig, namespace airadm): a host
+with the signing key in /etc/airadm/trusted-keys (or --trust-key KEY.pub)
+accepts only bundles it signed; ssh-keygen -Y verify -n airadm checks it too.
+`)
+	} else {
+		b.WriteString(`Check every file, then the node's bundle, then bring the node up:
+  cd /mnt/bundles && sha256sum -c SHA256SUMS && cd /
+  /mnt/airadm verify /mnt/bundles/NODE.bundle
+  /mnt/airadm apply /mnt/bundles/NODE.bundle
+`)
+	}
+	b.WriteString(`
 Apply control-plane nodes first; workers join once the API answers.
 If the medium is mounted noexec, copy the runner first:
   install -m 0755 /mnt/airadm /usr/local/bin/airadm
