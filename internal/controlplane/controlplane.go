@@ -25,6 +25,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -62,6 +63,14 @@ type Process struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error
+	// For a component started from a manifest: what Sync needs to start
+	// it again when the manifest changes, as kubelet would.
+	node         render.Node
+	component    string
+	manifest     []byte
+	moveLoopback bool
+	// replaced is set when Sync stopped it on purpose.
+	replaced bool
 }
 
 // NodeRoot is where node's files live.
@@ -167,7 +176,64 @@ func (p *Plane) startComponent(n render.Node, component string, moveLoopback boo
 	if component == "kube-apiserver" {
 		args = append(args, "--endpoint-reconciler-type=none")
 	}
-	p.Run(component+"-"+n.Name, bin, args...)
+	pr := p.Run(component+"-"+n.Name, bin, args...)
+	pr.node, pr.component, pr.manifest, pr.moveLoopback = n, component, manifest, moveLoopback
+}
+
+// Sync does what kubelet does with static pods: it restarts every running
+// component whose manifest changed since it started, waits until each is
+// healthy again, and returns their names ("kube-apiserver-cp1"), in start
+// order. Components read their certificates and kubeconfigs at start, so
+// this is when a converged node takes them up.
+func (p *Plane) Sync() []string {
+	p.t.Helper()
+	var restarted []string
+	for _, pr := range slices.Clone(p.procs) {
+		if pr.component == "" {
+			continue
+		}
+		if done, _ := pr.Exited(); done {
+			continue
+		}
+		now := p.File(pr.node.Name, render.ManifestsDir+"/"+pr.component+".yaml")
+		if bytes.Equal(now, pr.manifest) {
+			continue
+		}
+		pr.replaced = true
+		pr.terminate()
+		p.startComponent(pr.node, pr.component, pr.moveLoopback)
+		restarted = append(restarted, pr.Name)
+		insecure := &tls.Config{InsecureSkipVerify: true}
+		switch pr.component {
+		case "etcd":
+			metrics := "127.0.0.1"
+			if pr.moveLoopback {
+				metrics = pr.node.Address.String()
+			}
+			p.waitHTTP(pr.Name, "http://"+metrics+":2381/health", nil)
+		case "kube-apiserver":
+			p.WaitReady()
+		case "kube-controller-manager":
+			p.waitHTTP(pr.Name, "https://127.0.0.1:10257/healthz", insecure)
+		case "kube-scheduler":
+			p.waitHTTP(pr.Name, "https://127.0.0.1:10259/healthz", insecure)
+		}
+	}
+	return restarted
+}
+
+// terminate stops the process's group, SIGKILL after 10 s.
+func (pr *Process) terminate() {
+	if done, _ := pr.Exited(); done {
+		return
+	}
+	syscall.Kill(-pr.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-pr.done:
+	case <-time.After(10 * time.Second):
+		syscall.Kill(-pr.cmd.Process.Pid, syscall.SIGKILL)
+		<-pr.done
+	}
 }
 
 // Run starts a process whose output goes to a log file in the root; it is
@@ -217,17 +283,7 @@ func (pr *Process) Kill() {
 // the end of each log so the reason is in the test output.
 func (p *Plane) stop() {
 	for i := len(p.procs) - 1; i >= 0; i-- {
-		pr := p.procs[i]
-		if done, _ := pr.Exited(); done {
-			continue
-		}
-		syscall.Kill(-pr.cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-pr.done:
-		case <-time.After(10 * time.Second):
-			syscall.Kill(-pr.cmd.Process.Pid, syscall.SIGKILL)
-			<-pr.done
-		}
+		p.procs[i].terminate()
 	}
 	if p.t.Failed() {
 		for _, pr := range p.procs {
@@ -281,7 +337,7 @@ func (p *Plane) failIfExited() {
 	p.t.Helper()
 	for _, pr := range p.procs {
 		// Control-plane components only: a test's kubelet may exit on purpose.
-		if done, err := pr.Exited(); done && (strings.HasPrefix(pr.Name, "kube-") || strings.HasPrefix(pr.Name, "etcd")) {
+		if done, err := pr.Exited(); done && !pr.replaced && (strings.HasPrefix(pr.Name, "kube-") || strings.HasPrefix(pr.Name, "etcd")) {
 			p.t.Fatalf("%s exited (%v) while starting:\n%s", pr.Name, err, tail(pr.Log, 25))
 		}
 	}
