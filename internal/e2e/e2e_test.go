@@ -9,6 +9,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/pem"
@@ -23,6 +24,7 @@ import (
 	"testing"
 	"time"
 
+	"filippo.io/age"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -31,6 +33,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"golang.org/x/crypto/ssh"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -225,9 +228,15 @@ address = "10.77.0.22"
 	} else {
 		f.Close()
 	}
+	// cp1 runs from a signed bundle whose secrets are encrypted to it: the
+	// same cluster and secrets/, with cp1's age recipient, built alone.
+	trustArgs := encryptedSignedCP(t, airadm, cfg, filepath.Join(work, "out-enc"))
 	bundleOf := func(node string) string {
-		if node == "w1" {
+		switch node {
+		case "w1":
 			return filepath.Join(work, "out-pack", "w1.bundle")
+		case "cp1":
+			return filepath.Join(work, "out-enc", "cp1.bundle")
 		}
 		return filepath.Join(work, "out", node+".bundle")
 	}
@@ -262,6 +271,9 @@ address = "10.77.0.22"
 	apply := func(n *node, args ...string) timeline {
 		t.Helper()
 		args = append([]string{"apply"}, args...)
+		if n.name == "cp1" {
+			args = append(args, trustArgs...)
+		}
 		args = append(args, "--node", n.name, "--kubelet", "exec", "--kubelet-binary", "/usr/local/bin/kubelet", bundleOf(n.name))
 		var tl timeline
 		tl.start = time.Now()
@@ -641,4 +653,55 @@ func lastLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// encryptedSignedCP builds cp1 alone into out from a copy of cfg (beside
+// it, so it shares secrets/) that gives cp1 an age recipient, signed with a
+// fresh ed25519 key, checks that its keys are encrypted and the signature
+// is there, and returns the apply flags that trust the key and decrypt.
+func encryptedSignedCP(t *testing.T, airadm, cfg, out string) []string {
+	t.Helper()
+	dir := filepath.Dir(cfg)
+	id, err := age.GenerateX25519Identity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	idPath := filepath.Join(dir, "cp1.agekey")
+	os.WriteFile(idPath, []byte(id.String()+"\n"), 0o600)
+	_, key, _ := ed25519.GenerateKey(nil)
+	block, err := ssh.MarshalPrivateKey(key, "e2e")
+	if err != nil {
+		t.Fatal(err)
+	}
+	signKey := filepath.Join(dir, "signing-key")
+	os.WriteFile(signKey, pem.EncodeToMemory(block), 0o600)
+	signer, _ := ssh.NewSignerFromKey(key)
+	pub := filepath.Join(dir, "signing-key.pub")
+	os.WriteFile(pub, ssh.MarshalAuthorizedKey(signer.PublicKey()), 0o644)
+
+	b, _ := os.ReadFile(cfg)
+	enc := strings.Replace(string(b), "name = \"cp1\"\n", fmt.Sprintf("name = \"cp1\"\nrecipient = %q\n", id.Recipient().String()), 1)
+	encCfg := filepath.Join(dir, "cluster-enc.toml")
+	os.WriteFile(encCfg, []byte(enc), 0o644)
+	if o, err := exec.Command(airadm, "build", "-c", encCfg, "-o", out, "--sign-key", signKey, "cp1").CombinedOutput(); err != nil {
+		t.Fatalf("airadm build --sign-key of cp1 with a recipient: %v\n%s", err, o)
+	}
+	f, err := os.Open(filepath.Join(out, "cp1.bundle"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	m, err := bundle.ReadManifest(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, fe := range m.Files {
+		if fe.Path == "/etc/kubernetes/pki/ca.key" && !fe.Encrypted() {
+			t.Fatalf("%s: ca.key is not encrypted", f.Name())
+		}
+	}
+	if _, err := os.Stat(filepath.Join(out, "SHA256SUMS.sig")); err != nil {
+		t.Fatalf("build --sign-key: %v", err)
+	}
+	return []string{"--identity", idPath, "--trust-key", pub}
 }
