@@ -187,7 +187,7 @@ func (p *Plane) startComponent(n render.Node, component string, moveLoopback boo
 // this is when a converged node takes them up.
 func (p *Plane) Sync() []string {
 	p.t.Helper()
-	var restarted []string
+	var changed []*Process
 	for _, pr := range slices.Clone(p.procs) {
 		if pr.component == "" {
 			continue
@@ -199,8 +199,18 @@ func (p *Plane) Sync() []string {
 		if bytes.Equal(now, pr.manifest) {
 			continue
 		}
-		pr.replaced = true
-		pr.terminate()
+		changed = append(changed, pr)
+	}
+	// Stop every changed component before starting any, the later ones
+	// first: a controller-manager or scheduler left running while etcd and
+	// the apiserver restart loses its leader lease and exits, which
+	// kubelet would shrug off with a restart but this harness reports.
+	for i := len(changed) - 1; i >= 0; i-- {
+		changed[i].replaced = true
+		changed[i].terminate()
+	}
+	var restarted []string
+	for _, pr := range changed {
 		p.startComponent(pr.node, pr.component, pr.moveLoopback)
 		restarted = append(restarted, pr.Name)
 		insecure := &tls.Config{InsecureSkipVerify: true}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -236,9 +237,14 @@ disable = true
 		for _, n := range cps {
 			eps = append(eps, "https://"+n.addr+":2379")
 		}
-		base := []string{"--endpoints", strings.Join(eps, ","), "--cacert", filepath.Join(pki, "etcd", "ca.crt"),
+		base := []string{"--cacert", filepath.Join(pki, "etcd", "ca.crt"),
 			"--cert", filepath.Join(pki, "etcd", "healthcheck-client.crt"), "--key", filepath.Join(pki, "etcd", "healthcheck-client.key"),
 			"--dial-timeout", "2s", "--command-timeout", "3s"}
+		// etcdctl adds up repeated --endpoints flags: give every member
+		// only when the caller names none.
+		if !slices.Contains(args, "--endpoints") {
+			base = append(base, "--endpoints", strings.Join(eps, ","))
+		}
 		out, err := exec.CommandContext(ctx, etcdctl, append(base, args...)...).CombinedOutput()
 		return string(out), err
 	}
