@@ -1,3 +1,5 @@
+//go:build vme2e || vmfull
+
 package e2e_test
 
 import (
