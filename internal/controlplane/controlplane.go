@@ -202,17 +202,33 @@ func (p *Plane) Sync() []string {
 		changed = append(changed, pr)
 	}
 	// Stop every changed component before starting any, the later ones
-	// first: a controller-manager or scheduler left running while etcd and
-	// the apiserver restart loses its leader lease and exits, which
-	// kubelet would shrug off with a restart but this harness reports.
-	for i := len(changed) - 1; i >= 0; i-- {
-		changed[i].replaced = true
-		changed[i].terminate()
+	// first. A controller-manager or scheduler left running while etcd or
+	// the apiserver restarts loses its leader lease and exits, which
+	// kubelet shrugs off with a restart but this harness would report: so
+	// those are bounced too (and not counted as restarted by a change).
+	bounce := slices.Clone(changed)
+	if slices.ContainsFunc(changed, func(pr *Process) bool {
+		return pr.component == "etcd" || pr.component == "kube-apiserver"
+	}) {
+		for _, pr := range p.procs {
+			if (pr.component == "kube-controller-manager" || pr.component == "kube-scheduler") && !slices.Contains(bounce, pr) {
+				if done, _ := pr.Exited(); !done {
+					bounce = append(bounce, pr)
+				}
+			}
+		}
+		slices.SortStableFunc(bounce, func(a, b *Process) int { return slices.Index(p.procs, a) - slices.Index(p.procs, b) })
+	}
+	for i := len(bounce) - 1; i >= 0; i-- {
+		bounce[i].replaced = true
+		bounce[i].terminate()
 	}
 	var restarted []string
-	for _, pr := range changed {
+	for _, pr := range bounce {
 		p.startComponent(pr.node, pr.component, pr.moveLoopback)
-		restarted = append(restarted, pr.Name)
+		if slices.Contains(changed, pr) {
+			restarted = append(restarted, pr.Name)
+		}
 		insecure := &tls.Config{InsecureSkipVerify: true}
 		switch pr.component {
 		case "etcd":
