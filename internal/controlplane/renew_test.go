@@ -298,7 +298,7 @@ func TestLiveRenewalAndConverge(t *testing.T) {
 
 	t.Run("a new SAN and a new kubelet setting change exactly those files and restart the apiserver", func(t *testing.T) {
 		c3, buildLog := issueAt(t, dir, convergeConfig("api.converge.example", 42), time.Now(), 3)
-		if len(buildLog) != 1 || !strings.HasPrefix(buildLog[0], "reissued (names in the config changed) secrets/nodes/cp1/apiserver.crt") {
+		if len(buildLog) != 1 || !strings.HasPrefix(buildLog[0], "reissued (names in the config changed) ") || !strings.HasSuffix(buildLog[0], "secrets/nodes/cp1/apiserver.crt") {
 			t.Errorf("the rebuild logged %q", buildLog)
 		}
 		before := hostFiles(t, root)

@@ -317,7 +317,8 @@ kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
 	// The real kubeadm of the new version reads the cluster.
 	plan, err := cp.run(ctx, kubeadm, "upgrade", "plan", "-v=1", "--kubeconfig", "/etc/kubernetes/admin.conf")
 	t.Logf("kubeadm upgrade plan:\n%s", plan)
-	if err != nil || !strings.Contains(plan, "Cluster version: "+to) {
+	// kubeadm prints the version without its "v".
+	if err != nil || !strings.Contains(plan, "Cluster version: "+strings.TrimPrefix(to, "v")) {
 		t.Errorf("kubeadm upgrade plan: %v, want it to find the cluster at %s", err, to)
 	}
 	n, _ := nodesAt(to)
