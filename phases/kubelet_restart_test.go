@@ -78,7 +78,7 @@ func TestKubeletRestartsOnlyWhenItsFilesChange(t *testing.T) {
 		err := phases.Apply(context.Background(), phases.Options{
 			Bundle: path, ManifestDigest: digest, Root: root, Node: "cp1", Out: &log,
 			Kubelet: phases.KubeletExec, KubeletBinary: kubelet, Timeout: 30 * time.Second,
-			SkipPhases: []string{"preflight", "runtime", "images", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"},
+			SkipPhases: []string{"preflight", "runtime", "images", "etcd-join", "wait-etcd", "wait-control-plane", "upload-config", "mark-control-plane", "bootstrap-token", "addons"},
 		})
 		if err != nil {
 			t.Fatalf("%v\n%s", err, log.String())
