@@ -16,6 +16,8 @@ import (
 	"strings"
 	"time"
 
+	apiversion "k8s.io/apimachinery/pkg/version"
+
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -197,9 +199,21 @@ func (r *Run) upgradePreflight(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		sv, err := cs.Discovery().ServerVersion()
-		if err != nil {
-			return fmt.Errorf("asking the API server its version: %w", err)
+		// The API may be restarting (a control plane just upgraded, its
+		// kubelet restarted): ask again, backing off, within --timeout.
+		var sv *apiversion.Info
+		deadline := time.Now().Add(r.Timeout)
+		for wait := 20 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+			if sv, err = cs.Discovery().ServerVersion(); err == nil {
+				break
+			}
+			if time.Now().After(deadline) || ctx.Err() != nil {
+				return fmt.Errorf("asking the API server its version: %w", err)
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(wait):
+			}
 		}
 		api, err := version.ParseSemantic(sv.GitVersion)
 		if err != nil {

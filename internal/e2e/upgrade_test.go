@@ -234,7 +234,7 @@ kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
 		}
 		was := snap()
 		out, code := apply(w, bundle(to, "w1"), nil)
-		if code != 2 || !strings.Contains(out, "upgrade control plane cp1 first") {
+		if code != 2 || !strings.Contains(out, "older than this bundle's "+to+": upgrade ") {
 			t.Fatalf("worker's %s bundle before the control plane's: exit %d, want 2 naming the control plane\n%s", to, code, out)
 		}
 		if snap() != was {
