@@ -203,16 +203,12 @@ func (r *Run) upgradePreflight(ctx context.Context) error {
 		// kubelet restarted): ask again, backing off, within --timeout.
 		var sv *apiversion.Info
 		deadline := time.Now().Add(r.Timeout)
-		for wait := 20 * time.Millisecond; ; wait = min(2*wait, time.Second) {
+		for b := newBackoff(time.Second); ; {
 			if sv, err = cs.Discovery().ServerVersion(); err == nil {
 				break
 			}
-			if time.Now().After(deadline) || ctx.Err() != nil {
+			if time.Now().After(deadline) || b.wait(ctx) != nil {
 				return fmt.Errorf("asking the API server its version: %w", err)
-			}
-			select {
-			case <-ctx.Done():
-			case <-time.After(wait):
 			}
 		}
 		api, err := version.ParseSemantic(sv.GitVersion)
