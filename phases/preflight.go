@@ -32,6 +32,7 @@ func Checks() []Check {
 		{"ports", checkPorts},
 		{"endpoint", checkEndpoint},
 		{"swap", checkSwap},
+		{"hosts", checkHosts},
 		{"kernel", checkKernel},
 		{"binaries", checkBinaries},
 		{"sandbox-image", checkSandboxImage},
@@ -145,6 +146,24 @@ func checkPorts(r *Run, _ map[string][]byte) ([]string, error) {
 	}
 	if len(busy) > 0 {
 		return nil, fmt.Errorf("ports %s are in use", strings.Join(busy, ", "))
+	}
+	return nil, nil
+}
+
+// checkHosts catches a host without /etc/hosts (a minimal image, say):
+// containerd copies it into every pod sandbox and fails the sandbox, so
+// the node would join and be Ready but start no pod. It is the hosts file
+// of the mount namespace airadm runs in, which is containerd's, whatever
+// --root is.
+func checkHosts(_ *Run, _ map[string][]byte) ([]string, error) {
+	fi, err := os.Stat("/etc/hosts")
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil, errors.New("/etc/hosts is missing: containerd copies it into every pod sandbox, so no pod could start on this node; create it (at least \"127.0.0.1 localhost\")")
+	case err != nil:
+		return nil, fmt.Errorf("checking /etc/hosts: %w", err)
+	case !fi.Mode().IsRegular():
+		return nil, fmt.Errorf("/etc/hosts is a %s, not a file: containerd copies it into every pod sandbox", fi.Mode().Type())
 	}
 	return nil, nil
 }

@@ -275,7 +275,23 @@ func (n *node) stop() {
 	syscall.Kill(-n.holder.Process.Pid, syscall.SIGKILL)
 	n.holder.Wait()
 	removeKubepods()
+	n.keepLogs()
 	os.RemoveAll(n.dir)
+}
+
+// keepLogs copies the node's /var/log/airadm (the kubelet's and
+// containerd's logs) to $AIRADM_E2E_LOGS/<node> when that is set, since the
+// node's directory goes with the test.
+func (n *node) keepLogs() {
+	dst := os.Getenv("AIRADM_E2E_LOGS")
+	if dst == "" {
+		return
+	}
+	dst = filepath.Join(dst, n.name)
+	os.RemoveAll(dst)
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err == nil {
+		exec.Command("cp", "-a", filepath.Join(n.dir, "var_log_airadm"), dst).Run()
+	}
 }
 
 // killKubepods kills the containers kubelets started: they live in mount

@@ -414,7 +414,21 @@ func runPodOn(t *testing.T, ctx context.Context, cs kubernetes.Interface, g *gue
 		last = err
 		time.Sleep(2 * time.Second)
 	}
-	g.fatalf("no pod running on %s after 5 minutes: %v", node, last)
+	g.fatalf("no pod running on %s after 5 minutes: %v\nits events:\n%s", node, last, podEvents(ctx, cs, pod))
+}
+
+// podEvents lists what the kubelet and scheduler reported about pod, with
+// the runtime's own errors (a failed sandbox says why there).
+func podEvents(ctx context.Context, cs kubernetes.Interface, pod *corev1.Pod) string {
+	evs, err := cs.CoreV1().Events(pod.Namespace).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + pod.Name})
+	if err != nil {
+		return "listing events: " + err.Error()
+	}
+	var b strings.Builder
+	for _, e := range evs.Items {
+		fmt.Fprintf(&b, "  %s %s x%d: %s\n", e.Type, e.Reason, e.Count, e.Message)
+	}
+	return b.String()
 }
 
 // podWhy is what a pod's container statuses say about it.

@@ -55,7 +55,8 @@ type Config struct {
 //
 // The hooks enable systemd-networkd (Debian ships it disabled; cloud-init
 // writes its static address as a networkd file) and give the guest an
-// empty /etc/resolv.conf, which kubelet reads for every pod's DNS config.
+// empty /etc/resolv.conf, which kubelet reads for every pod's DNS config,
+// and the /etc/hosts every installed Debian has.
 func Default() Config {
 	return Config{
 		Suite:  "bookworm",
@@ -67,6 +68,9 @@ func Default() Config {
 		Hooks: []string{
 			`chroot "$1" systemctl enable systemd-networkd`,
 			`rm -f "$1/etc/resolv.conf" && printf '# no name servers: the node needs none\n' >"$1/etc/resolv.conf"`,
+			// What the Debian installer writes; minbase has none, and
+			// containerd copies it into every pod sandbox.
+			`printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n' >"$1/etc/hosts"`,
 		},
 		SizeMiB: 4096,
 	}
