@@ -1,5 +1,3 @@
-//go:build vme2e || vmfull
-
 package e2e_test
 
 import (
