@@ -4,9 +4,13 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -14,7 +18,10 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/opencontainers/go-digest"
 
+	"airadm.dev/airadm/atomicfile"
 	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/hostfs"
+	"airadm.dev/airadm/render"
 )
 
 // hostHashes remembers, for one run, the sha256 of host files it has
@@ -23,6 +30,12 @@ import (
 // while verifying, in the cluster check and in the files phase. A file
 // whose size, mtime, ctime and inode are unchanged is not read again, as
 // git trusts its index; anything that rewrites a file changes its ctime.
+//
+// Between runs the memo is kept in hashesFile, so a re-apply on a node that
+// holds its binaries does not hash them again either. Only hashes of files
+// whose ctime was settled (a second older than the read) are kept: the
+// kernel stamps times from a coarse clock, and a write within the same
+// tick as the read could otherwise leave every field of the stat alike.
 type hostHashes struct {
 	mu   sync.Mutex
 	seen map[string]statHash
@@ -32,9 +45,75 @@ type statHash struct {
 	size, ino, dev int64
 	mtime, ctime   syscall.Timespec
 	sha256         string
+	// settled: the ctime was older than the read by settleTime, so the
+	// hash may outlive the run.
+	settled bool
 }
 
+// hashesFile holds the settled hashes between runs (hostHashes).
+const hashesFile = render.AiradmStateDir + "/file-hashes.json"
+
+const settleTime = time.Second
+
 func newHostHashes() *hostHashes { return &hostHashes{seen: map[string]statHash{}} }
+
+// savedHash is one line of hashesFile.
+type savedHash struct {
+	Path   string `json:"path"`
+	Size   int64  `json:"size"`
+	Ino    int64  `json:"ino"`
+	Dev    int64  `json:"dev"`
+	Mtime  int64  `json:"mtimeNs"`
+	Ctime  int64  `json:"ctimeNs"`
+	SHA256 string `json:"sha256"`
+}
+
+// loadHostHashes starts a run's memo from hashesFile under root. A file
+// that is missing or unreadable only means hashing again.
+func loadHostHashes(root string) *hostHashes {
+	h := newHostHashes()
+	b, err := os.ReadFile(hostfs.Path(root, hashesFile))
+	if err != nil {
+		return h
+	}
+	var saved []savedHash
+	if json.Unmarshal(b, &saved) != nil {
+		return h
+	}
+	for _, s := range saved {
+		h.seen[hostfs.Path(root, s.Path)] = statHash{
+			size: s.Size, ino: s.Ino, dev: s.Dev,
+			mtime: syscall.NsecToTimespec(s.Mtime), ctime: syscall.NsecToTimespec(s.Ctime),
+			sha256: s.SHA256, settled: true,
+		}
+	}
+	return h
+}
+
+// save writes the settled hashes of host files under root to hashesFile.
+func (h *hostHashes) save(root string) error {
+	h.mu.Lock()
+	saved := make([]savedHash, 0, len(h.seen))
+	for target, fp := range h.seen {
+		rel, err := filepath.Rel(hostfs.Path(root, "/"), target)
+		if err != nil || strings.HasPrefix(rel, "..") || !fp.settled || fp.sha256 == "" {
+			continue
+		}
+		rel = "/" + filepath.ToSlash(rel)
+		saved = append(saved, savedHash{Path: rel, Size: fp.size, Ino: fp.ino, Dev: fp.dev,
+			Mtime: fp.mtime.Nano(), Ctime: fp.ctime.Nano(), SHA256: fp.sha256})
+	}
+	h.mu.Unlock()
+	slices.SortFunc(saved, func(a, b savedHash) int { return strings.Compare(a.Path, b.Path) })
+	b, err := json.MarshalIndent(saved, "", " ")
+	if err != nil {
+		return err
+	}
+	if err := hostfs.MkdirAll(root, render.AiradmStateDir); err != nil {
+		return err
+	}
+	return atomicfile.Write(hostfs.Path(root, hashesFile), append(b, '\n'), 0o600)
+}
 
 func fingerprint(info fs.FileInfo) (statHash, bool) {
 	st, ok := info.Sys().(*syscall.Stat_t)
@@ -56,10 +135,11 @@ func (h *hostHashes) unchanged(target string, fe bundle.FileEntry, mode fs.FileM
 		h.mu.Lock()
 		prev, known := h.seen[target]
 		h.mu.Unlock()
-		if known && prev.sha256 != "" && prev == (statHash{fp.size, fp.ino, fp.dev, fp.mtime, fp.ctime, prev.sha256}) {
+		if known && prev.sha256 != "" && prev == (statHash{fp.size, fp.ino, fp.dev, fp.mtime, fp.ctime, prev.sha256, prev.settled}) {
 			return prev.sha256 == fe.SHA256
 		}
 	}
+	readAt := time.Now()
 	f, err := os.Open(target)
 	if err != nil {
 		return false
@@ -76,6 +156,7 @@ func (h *hostHashes) unchanged(target string, fe bundle.FileEntry, mode fs.FileM
 		if after, err := f.Stat(); err == nil {
 			if fp2, ok := fingerprint(after); ok && fp2 == fp {
 				fp.sha256 = got
+				fp.settled = time.Unix(fp.ctime.Unix()).Add(settleTime).Before(readAt)
 				h.mu.Lock()
 				h.seen[target] = fp
 				h.mu.Unlock()

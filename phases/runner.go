@@ -135,6 +135,9 @@ type Run struct {
 	// changed lists the host paths the files phase wrote (or would, in a
 	// dry run), for the restarts they call for.
 	changed []string
+	// later holds the static pod manifests the files phase left for
+	// wait-control-plane to hand to the kubelet (startsLater).
+	later []string
 	// upgrade is set when the node runs an older Kubernetes than the
 	// bundle's (upgrade.go).
 	upgrade *Upgrade
@@ -259,6 +262,12 @@ func Apply(ctx context.Context, o Options) error {
 			return err
 		}
 		defer unlock()
+		defer func() {
+			// A later run trusts these instead of hashing the files again.
+			if err := staged.hashes.save(o.Root); err != nil {
+				logf(o.Out, "warning: keeping the hashes of the host's files for the next run: %v", err)
+			}
+		}()
 		if r.journal, err = LoadJournal(o.Root); err != nil {
 			return err
 		}

@@ -41,7 +41,7 @@ type staging struct {
 }
 
 func newStaging(root string, discard bool) *staging {
-	return &staging{root: root, discard: discard, path: map[string]string{}, hashes: newHostHashes()}
+	return &staging{root: root, discard: discard, path: map[string]string{}, hashes: loadHostHashes(root)}
 }
 
 // keptInMemory are the trees whose files phases read (keys, kubeconfigs,

@@ -3,11 +3,13 @@ package phases
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"airadm.dev/airadm/bundle"
 	"airadm.dev/airadm/hostfs"
@@ -162,4 +164,82 @@ func TestInPlaceHostBinaryIsNotStaged(t *testing.T) {
 	if err := runFiles(context.Background(), r); err == nil || !strings.Contains(err.Error(), "/usr/local/bin/tool changed while apply ran") {
 		t.Errorf("files phase = %v, want a refusal", err)
 	}
+}
+
+// TestHostHashesOutliveTheRun: a run keeps the hashes of the host files it
+// found in place, once their ctime has settled, and the next run trusts
+// them instead of reading the files; any write since changes the ctime and
+// the file is hashed again.
+func TestHostHashesOutliveTheRun(t *testing.T) {
+	path, _ := hostBinaryBundle(t)
+	root := t.TempDir()
+	o := Options{Bundle: path, Root: root, Node: "cp1", Only: "files"}
+	if err := Apply(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	tool := hostfs.Path(root, "/usr/local/bin/tool")
+	// Just written: its ctime is not settled, so this run's hash of it is
+	// not kept.
+	if err := Apply(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	if saved := readSavedHashes(t, root); saved["/usr/local/bin/tool"] != "" {
+		t.Fatalf("the hash of a file written %v ago was kept", settleTime)
+	}
+	time.Sleep(settleTime + 100*time.Millisecond) // let its ctime settle
+	if err := Apply(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	saved := readSavedHashes(t, root)
+	if saved["/usr/local/bin/tool"] == "" {
+		t.Fatalf("the settled hash of /usr/local/bin/tool was not kept: %v", saved)
+	}
+	m, _, _, err := verifyBundle(context.Background(), path, trust.Vouch{}, newStaging(root, true), "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var entry bundle.FileEntry
+	for _, fe := range m.Files {
+		if fe.Path == "/usr/local/bin/tool" {
+			entry = fe
+		}
+	}
+	if !loadHostHashes(root).unchanged(tool, entry, 0o755) {
+		t.Error("the kept hash does not match the file in place")
+	}
+	// The next run believes the kept hash without reading the file: one
+	// falsified in hashesFile is what it answers with.
+	b, _ := os.ReadFile(hostfs.Path(root, hashesFile))
+	os.WriteFile(hostfs.Path(root, hashesFile), bytes.ReplaceAll(b, []byte(entry.SHA256), []byte(strings.Repeat("0", 64))), 0o600)
+	if loadHostHashes(root).unchanged(tool, entry, 0o755) {
+		t.Error("the kept hash was not used: the file was read again")
+	}
+	// A write since changes the ctime, whatever it does to the mtime: the
+	// kept hash no longer applies and the file is read.
+	fi, _ := os.Stat(tool)
+	changed, _ := os.ReadFile(tool)
+	changed[0] ^= 1
+	os.WriteFile(tool, changed, 0o755)
+	os.Chtimes(tool, fi.ModTime(), fi.ModTime())
+	os.WriteFile(hostfs.Path(root, hashesFile), b, 0o600)
+	if loadHostHashes(root).unchanged(tool, entry, 0o755) {
+		t.Error("a file changed with its mtime kept was taken as unchanged")
+	}
+}
+
+func readSavedHashes(t *testing.T, root string) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(hostfs.Path(root, hashesFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var saved []savedHash
+	if err := json.Unmarshal(b, &saved); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, s := range saved {
+		out[s.Path] = s.SHA256
+	}
+	return out
 }

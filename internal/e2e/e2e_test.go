@@ -261,6 +261,7 @@ address = "10.77.0.22"
 	}
 	t.Cleanup(func() {
 		for _, n := range []*node{w, cp} { // w2 is kubeadm's; its node teardown kills it
+			n.keepLogs() // reset removes them
 			if out, err := n.run(context.Background(), airadm, "reset", "--force"); err != nil {
 				t.Logf("reset %s: %v\n%s", n.name, err, out)
 			}
@@ -313,8 +314,13 @@ address = "10.77.0.22"
 	apply(cp, "phase", "runtime")
 	importTime := apply(cp, "phase", "images").wall()
 	stopReadyz := watchReadyz(ctx, cp.addr)
+	cpHealthy := watchComponents(ctx, cp.netns)
 	cpTL := apply(cp, "--skip-phases", "images")
 	cpTL.readyz = stopReadyz()
+	cpTL.healthy = cpHealthy(time.Minute)
+	if cpTL.healthy.IsZero() {
+		t.Errorf("the controller-manager or the scheduler on cp1 did not answer its health check within a minute of apply's end")
+	}
 	cpBusy := busy(cpTL.cpu, readCPU())
 	restCfg, err := clientcmd.BuildConfigFromFlags("", filepath.Join(cp.dir, "etc_kubernetes", "admin.conf"))
 	if err != nil {
@@ -425,14 +431,15 @@ address = "10.77.0.22"
 	airadmJoinReady := wReadyAt.Sub(wTL.start)
 	fmt.Printf("e2e: %d/3 nodes Ready (w2 joined by the real kubeadm join); images present on every side (airadm imported cp1's in %s)\n",
 		n, importTime.Round(10*time.Millisecond))
-	fmt.Printf("e2e: %-14s %8s %14s %16s %14s %12s\n", "", "wall", "start->/readyz", "kubelet->/readyz", "after /readyz", "kubelet at")
+	fmt.Printf("e2e: %-14s %8s %14s %16s %14s %12s %12s\n", "", "wall", "start->/readyz", "kubelet->/readyz", "after /readyz", "kubelet at", "all healthy")
 	for _, row := range []struct {
 		name string
 		tl   timeline
 	}{{"kubeadm init", kubeadmTL}, {"airadm apply", cpTL}} {
-		fmt.Printf("e2e: %-14s %8s %14s %16s %14s %12s\n", row.name, since(row.tl.start, row.tl.end), since(row.tl.start, row.tl.readyz),
-			since(row.tl.kubelet, row.tl.readyz), since(row.tl.readyz, row.tl.end), since(row.tl.start, row.tl.kubelet))
+		fmt.Printf("e2e: %-14s %8s %14s %16s %14s %12s %12s\n", row.name, since(row.tl.start, row.tl.end), since(row.tl.start, row.tl.readyz),
+			since(row.tl.kubelet, row.tl.readyz), since(row.tl.readyz, row.tl.end), since(row.tl.start, row.tl.kubelet), since(row.tl.start, row.tl.healthy))
 	}
+	fmt.Printf("e2e: (all healthy: start to the controller-manager and the scheduler answering too; kubeadm init waits for it, airadm apply returns at /readyz and hands them to the kubelet when the apiserver answers)\n")
 	t.Logf("during airadm apply: %s", cpBusy)
 	fmt.Printf("e2e: control plane wall ratio airadm/kubeadm %s (target <= 0.65); airadm after /readyz %s (target <= 0.2s)\n",
 		ratio(cpTL.wall(), kubeadmTL.wall()), since(cpTL.readyz, cpTL.end))
@@ -522,12 +529,14 @@ cgroupRoot: %s
 
 	var tl timeline
 	stopReadyz := watchReadyz(ctx, n.addr)
+	healthy := watchComponents(ctx, n.netns)
 	tl.start = time.Now()
 	cpu := readCPU()
 	out, kerr, err := n.runKubeadm(ctx, kubeadm, kubelet, &tl.kubelet, "init", "--config", cfg)
 	tl.end = time.Now()
 	t.Logf("during kubeadm init: %s", busy(cpu, readCPU()))
 	tl.readyz = stopReadyz()
+	tl.healthy = healthy(time.Minute)
 	if err != nil {
 		logs, _ := os.ReadFile(filepath.Join(n.dir, "kubelet.log"))
 		t.Fatalf("kubeadm init: %v\n%s\n--- kubelet log (end):\n%s", err, lastLines(out, 30), lastLines(string(logs), 30))

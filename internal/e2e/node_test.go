@@ -279,18 +279,18 @@ func (n *node) stop() {
 	os.RemoveAll(n.dir)
 }
 
-// keepLogs copies the node's /var/log/airadm (the kubelet's and
-// containerd's logs) to $AIRADM_E2E_LOGS/<node> when that is set, since the
-// node's directory goes with the test.
+// keepLogs copies the node's logs (its /var/log/airadm: the kubelet's and
+// containerd's) to $AIRADM_E2E_LOGS/<node> when that is set, since reset
+// and the node's teardown remove them.
 func (n *node) keepLogs() {
 	dst := os.Getenv("AIRADM_E2E_LOGS")
 	if dst == "" {
 		return
 	}
 	dst = filepath.Join(dst, n.name)
-	os.RemoveAll(dst)
-	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err == nil {
-		exec.Command("cp", "-a", filepath.Join(n.dir, "var_log_airadm"), dst).Run()
+	if err := os.MkdirAll(dst, 0o755); err == nil {
+		// kubeadm's nodes log the kubelet beside their files.
+		exec.Command("sh", "-c", `cp -a "$1"/var_log_airadm/. "$1"/*.log "$2"/`, "sh", n.dir, dst).Run()
 	}
 }
 

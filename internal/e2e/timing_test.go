@@ -6,16 +6,19 @@ import (
 	"crypto/tls"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -26,6 +29,10 @@ import (
 // answered ok, and when the command returned.
 type timeline struct {
 	start, kubelet, readyz, end time.Time
+	// healthy is when the controller-manager and the scheduler both
+	// answered their health checks too (kubeadm init waits for it; airadm
+	// apply does not).
+	healthy time.Time
 	// cpu is the host's CPU use over the whole run: the floor depends on
 	// what else this small machine was doing.
 	cpu cpuSample
@@ -242,4 +249,95 @@ func busy(a, b cpuSample) string {
 	podsS := float64(b.pods-a.pods) / 1e9
 	return fmt.Sprintf("host CPU %.0f%% busy (%.1f CPU-s, of which the control-plane pods %.1f), load %s",
 		100*float64(b.busy-a.busy)/float64(b.total-a.total), busyS, podsS, l)
+}
+
+// watchComponents polls, from inside netns, the controller-manager's and
+// the scheduler's health endpoints (they listen on 127.0.0.1 only) every
+// 20 ms until both answer ok. The function it returns waits up to limit
+// for that and reports when it was (zero if never).
+func watchComponents(ctx context.Context, netns string) func(limit time.Duration) time.Time {
+	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{
+		DialContext: dialIn(netns),
+		// Only the health answers are read, anonymously.
+		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
+		DisableKeepAlives: true,
+	}}
+	ok := func(url string) bool {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		resp, err := client.Do(req)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}
+	done := make(chan time.Time, 1)
+	go func() {
+		pending := []string{"https://127.0.0.1:10257/healthz", "https://127.0.0.1:10259/livez"}
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for len(pending) > 0 {
+			if ok(pending[0]) {
+				pending = pending[1:]
+				continue
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+		done <- time.Now()
+	}()
+	return func(limit time.Duration) time.Time {
+		select {
+		case at := <-done:
+			return at
+		case <-time.After(limit):
+			return time.Time{}
+		}
+	}
+}
+
+// dialIn dials from inside network namespace netns: the socket is made on
+// a thread moved into it and back. The thread must come back rather than
+// be thrown away: the harness starts processes with Pdeathsig, which fires
+// when the thread that forked them ends, and any thread may have.
+func dialIn(netns string) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		type result struct {
+			c   net.Conn
+			err error
+		}
+		ch := make(chan result, 1)
+		go func() {
+			runtime.LockOSThread()
+			home, err := os.Open("/proc/thread-self/ns/net")
+			if err != nil {
+				runtime.UnlockOSThread()
+				ch <- result{nil, err}
+				return
+			}
+			defer home.Close()
+			f, err := os.Open("/run/netns/" + netns)
+			if err != nil {
+				runtime.UnlockOSThread()
+				ch <- result{nil, err}
+				return
+			}
+			defer f.Close()
+			if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+				runtime.UnlockOSThread()
+				ch <- result{nil, err}
+				return
+			}
+			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if unix.Setns(int(home.Fd()), unix.CLONE_NEWNET) == nil {
+				runtime.UnlockOSThread()
+			} // else the thread stays locked and ends with this goroutine
+			ch <- result{c, err}
+		}()
+		r := <-ch
+		return r.c, r.err
+	}
 }
