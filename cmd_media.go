@@ -26,8 +26,10 @@ type mediaFlags struct {
 	Runner string `help:"airadm binary for the nodes' platform, when it is not this one's (checked to be an ELF for it)."`
 }
 
-// open loads the config, verifies the bundles of nodes and picks the runner.
-func (f mediaFlags) open(nodes []string, limit media.SizeLimit) (*media.Source, string, error) {
+// open loads the config, checks the bundles of nodes and picks the runner.
+// With verify it also reads every byte of the bundles; without, the caller
+// must (media.Scan).
+func (f mediaFlags) open(nodes []string, limit media.SizeLimit, verify bool) (*media.Source, string, error) {
 	c, err := f.load()
 	if err != nil {
 		return nil, "", err
@@ -40,7 +42,11 @@ func (f mediaFlags) open(nodes []string, limit media.SizeLimit) (*media.Source, 
 	if err != nil {
 		return nil, "", mediaError(err)
 	}
-	src, err := media.Open(f.From, c, nodes, limit)
+	open := media.Scan
+	if verify {
+		open = media.Open
+	}
+	src, err := open(f.From, c, nodes, limit)
 	if err != nil {
 		return nil, "", mediaError(err)
 	}
@@ -86,7 +92,8 @@ type MediaISOCmd struct {
 func (cmd *MediaISOCmd) Validate() error { return media.CheckISOLabel(cmd.Label) }
 
 func (cmd *MediaISOCmd) Run(env *Env) error {
-	src, runner, err := cmd.open(cmd.Nodes, media.SizeLimit{})
+	// Verified while the image is laid out (ISOOptions.Verify).
+	src, runner, err := cmd.open(cmd.Nodes, media.SizeLimit{}, false)
 	if err != nil {
 		return err
 	}
@@ -98,7 +105,7 @@ func (cmd *MediaISOCmd) Run(env *Env) error {
 	if err != nil {
 		return mediaError(err)
 	}
-	if err := media.WriteISO(cmd.Out, t, media.ISOOptions{Label: cmd.Label, Epoch: epoch}); err != nil {
+	if err := media.WriteISO(cmd.Out, t, media.ISOOptions{Label: cmd.Label, Epoch: epoch, Verify: src.Verify}); err != nil {
 		return mediaError(err)
 	}
 	reportMedium(env, cmd.Out, "ISO 9660 labelled "+cmd.Label+" with", src)
@@ -115,7 +122,7 @@ type MediaUSBCmd struct {
 func (cmd *MediaUSBCmd) Validate() error { return media.CheckFATLabel(cmd.Label) }
 
 func (cmd *MediaUSBCmd) Run(env *Env) error {
-	src, runner, err := cmd.open(cmd.Nodes, media.FAT32())
+	src, runner, err := cmd.open(cmd.Nodes, media.FAT32(), true)
 	if err != nil {
 		return err
 	}
@@ -146,7 +153,7 @@ func (cmd *MediaCidataCmd) Run(env *Env) error {
 	if cmd.Format == "fat" {
 		limit = media.FAT32()
 	}
-	src, runner, err := cmd.open([]string{cmd.Node}, limit)
+	src, runner, err := cmd.open([]string{cmd.Node}, limit, true)
 	if err != nil {
 		return err
 	}

@@ -73,6 +73,10 @@ func (p *pipeHash) sum() string {
 // pass, that it still has the size and sha256 it had when it was verified,
 // so the medium carries exactly the bytes that were verified.
 func copyInto(w io.Writer, tf File) error {
+	if tf.bundle != nil && !tf.bundle.verified {
+		// A Tree of a Source from Scan: its sums are only claimed.
+		return fmt.Errorf("copying %s: it has not been verified (Source.Verify)", tf.From)
+	}
 	in, err := os.Open(tf.From)
 	if err != nil {
 		return fmt.Errorf("copying %s: %w", tf.From, err)

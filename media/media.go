@@ -56,6 +56,9 @@ type Bundle struct {
 	modTime        time.Time
 	// pack is the pack digest a thin bundle names.
 	pack string
+	// verified is set once every byte has been read and checked; until
+	// then the fields above are what the manifest and SHA256SUMS claim.
+	verified bool
 }
 
 // Source is the verified input of every medium: the bundles of the chosen
@@ -93,8 +96,28 @@ func FAT32() SizeLimit { return SizeLimit{FATMaxFile, "FAT32"} }
 // each bundle must pass the reader's checks of every entry and be the
 // named node's bundle of this cluster. Sizes are checked against limit
 // before any bundle is read, so a file too large for the chosen filesystem
-// is refused at once.
+// is refused at once. It is Scan and then Verify.
 func Open(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Source, error) {
+	s, err := Scan(dir, c, nodes, limit)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.Verify(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Scan does what Open does short of reading every byte: it checks the
+// nodes, SHA256SUMS and its signature, each file's size against limit and
+// its line, and reads each bundle's manifest (its node, cluster, build time,
+// pack and digest: all a Tree needs). What a manifest claims is checked
+// against the line and the config, and a bundle that fails is verified at
+// once, so its error is the verifying reader's, as from Open. The Source
+// must pass Verify before any of its bytes are copied: copies refuse a file
+// that has not (see copyInto), and WriteISO runs Verify while go-diskfs
+// lays the image out, which needs none of those bytes.
+func Scan(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Source, error) {
 	var chosen []render.Node
 	if len(nodes) == 0 {
 		chosen = c.Nodes
@@ -152,21 +175,68 @@ func Open(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Sour
 		b.Size, b.modTime = fi.Size(), fi.ModTime()
 		src.Bundles = append(src.Bundles, b)
 	}
-	// Every size is known to fit; now read every byte.
+	// Every size is known to fit; now read what each bundle claims.
 	for i := range src.Bundles {
-		if err := src.Bundles[i].verify(c.Name); err != nil {
+		b := &src.Bundles[i]
+		if b.peek(c.Name, sums[b.Name]) {
+			continue
+		}
+		if err := b.verify(c.Name); err != nil {
 			return nil, err
 		}
 	}
-	if err := src.openPack(sums, limit); err != nil {
+	if err := src.scanPack(sums, limit); err != nil {
 		return nil, err
 	}
 	return src, nil
 }
 
-// openPack verifies the image pack the thin bundles name, every byte, and
-// its line in SHA256SUMS.
-func (s *Source) openPack(sums trust.Sums, limit SizeLimit) error {
+// peek reads b's manifest and records what it claims, reporting whether
+// that is consistent: the node and cluster it should be, and the manifest
+// digest its line gives. A bundle that is not is left to the verifying
+// reader, whose checks say why.
+func (b *Bundle) peek(cluster string, line trust.Sum) bool {
+	f, err := os.Open(b.Path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	m, digest, err := bundle.PeekManifest(f)
+	if err != nil || m.Node != b.Node.Name || m.Cluster != cluster || (line.Manifest != "" && line.Manifest != digest) {
+		return false
+	}
+	b.SHA256, b.ManifestDigest, b.BuildTime, b.pack = line.File, digest, m.BuildTime, m.Pack
+	return true
+}
+
+// Verify reads every byte of every file s names that has not been verified
+// yet: each bundle through the verifying reader and against its line in
+// SHA256SUMS, and the image pack whole. A bundle must also be what Scan
+// found in it, unchanged since.
+func (s *Source) Verify() error {
+	for i := range s.Bundles {
+		b := &s.Bundles[i]
+		if b.verified {
+			continue
+		}
+		peeked := *b
+		if err := b.verify(s.Cluster.Name); err != nil {
+			return err
+		}
+		if b.ManifestDigest != peeked.ManifestDigest || b.SHA256 != peeked.SHA256 {
+			b.verified = false // a Tree made before holds what Scan saw
+			return inputErrorf("verifying %s: it changed while it was read; run again once nothing writes it", b.Path)
+		}
+	}
+	if s.Pack != nil && !s.Pack.verified {
+		return s.verifyPack()
+	}
+	return nil
+}
+
+// scanPack finds the image pack the thin bundles name, checks its size
+// and its line in SHA256SUMS; verifyPack reads it.
+func (s *Source) scanPack(sums trust.Sums, limit SizeLimit) error {
 	want := ""
 	for _, b := range s.Bundles {
 		switch {
@@ -181,14 +251,9 @@ func (s *Source) openPack(sums trust.Sums, limit SizeLimit) error {
 		return nil
 	}
 	p := &Bundle{Name: bundle.PackFile, Path: filepath.Join(s.Dir, bundle.PackFile)}
-	f, err := os.Open(p.Path)
+	fi, err := os.Stat(p.Path)
 	if err != nil {
 		return inputErrorf("opening the image pack the thin bundles need: %w", err)
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return fmt.Errorf("opening %s: %w", p.Path, err)
 	}
 	if limit.Bytes > 0 && fi.Size() > limit.Bytes {
 		return inputErrorf("%s is %s, larger than %s allows (%s): write an ISO instead (airadm media iso), which has no such limit", p.Path, humanSize(fi.Size()), limit.Filesystem, humanSize(limit.Bytes))
@@ -197,19 +262,39 @@ func (s *Source) openPack(sums trust.Sums, limit SizeLimit) error {
 	if !ok || line.File == "" {
 		return inputErrorf("verifying %s: %s has no sha256 line for it; rebuild with airadm build --pack", p.Path, trust.SumsFile)
 	}
+	p.Size, p.modTime, p.SHA256, p.ManifestDigest = fi.Size(), fi.ModTime(), line.File, want
+	s.Pack = p
+	return nil
+}
+
+// verifyPack verifies the image pack, every byte, against its line in
+// SHA256SUMS and the digest the bundles name.
+func (s *Source) verifyPack() error {
+	p := s.Pack
+	f, err := os.Open(p.Path)
+	if err != nil {
+		return inputErrorf("opening the image pack the thin bundles need: %w", err)
+	}
+	defer f.Close()
 	h := sha256.New()
 	_, digest, err := bundle.VerifyPack(io.TeeReader(f, h))
 	if err != nil {
 		return &InputError{fmt.Errorf("verifying %s: %w", p.Path, err)}
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != line.File {
-		return inputErrorf("verifying %s: its sha256 is %s, %s says %s", p.Path, got, trust.SumsFile, line.File)
+	if got := hex.EncodeToString(h.Sum(nil)); got != p.SHA256 {
+		return inputErrorf("verifying %s: its sha256 is %s, %s says %s", p.Path, got, trust.SumsFile, p.SHA256)
 	}
-	if digest != want {
-		return inputErrorf("verifying %s: it is not the pack the bundles name (%s, they name %s)", p.Path, digest, want)
+	if digest != p.ManifestDigest {
+		return inputErrorf("verifying %s: it is not the pack the bundles name (%s, they name %s)", p.Path, digest, p.ManifestDigest)
 	}
-	p.Size, p.modTime, p.SHA256, p.ManifestDigest = fi.Size(), fi.ModTime(), line.File, digest
-	s.Pack = p
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("verifying %s: %w", p.Path, err)
+	}
+	if fi.Size() != p.Size || !fi.ModTime().Equal(p.modTime) {
+		return inputErrorf("verifying %s: it changed while it was read; run again once nothing writes it", p.Path)
+	}
+	p.verified = true
 	return nil
 }
 
@@ -258,6 +343,7 @@ func (b *Bundle) verify(cluster string) error {
 		return inputErrorf("verifying %s: it changed while it was read; run again once nothing writes it", b.Path)
 	}
 	b.SHA256, b.ManifestDigest, b.BuildTime, b.pack = got, digest, m.BuildTime, m.Pack
+	b.verified = true
 	return nil
 }
 

@@ -102,6 +102,11 @@ func SeedTree(src *Source, runner, node string, fat bool) (Tree, error) {
 // ("iso") or a bare FAT32 volume ("fat"), both labelled CIDATA: what
 // `airadm media cidata` writes, for tests and tools that attach it to a VM.
 func WriteSeed(path string, src *Source, runner, node, format string, epoch time.Time) error {
+	// A seed carries one bundle, so verifying it first costs little; the
+	// Tree copies the Bundle, so it must be verified before SeedTree.
+	if err := src.Verify(); err != nil {
+		return err
+	}
 	t, err := SeedTree(src, runner, node, format == "fat")
 	if err != nil {
 		return err

@@ -273,3 +273,73 @@ func withBundleChanged(t *testing.T, p string, write func() error) error {
 	}()
 	return write()
 }
+
+// TestWriteISOVerifiesWhileLayingOut: airadm media iso scans the bundles
+// and verifies them while go-diskfs lays the image out. The image is the
+// one Open and WriteISO give; a bundle damaged after Scan (its manifest
+// intact) is refused as Open refuses it, with nothing written; and a Tree
+// of a Source nothing verified is never copied.
+func TestWriteISOVerifiesWhileLayingOut(t *testing.T) {
+	c, out := quickstart(t)
+	scan := func(t *testing.T) (string, *Source, Tree) {
+		d := t.TempDir()
+		copyDir(t, out, d)
+		src, err := Scan(d, c, nil, SizeLimit{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr, err := ClusterTree(src, runner(t), Mount{Label: "AIRADM"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d, src, tr
+	}
+	t.Run("same image as Open", func(t *testing.T) {
+		d, src, tr := scan(t)
+		dir := t.TempDir()
+		if err := WriteISO(filepath.Join(dir, "scanned"), tr, ISOOptions{Label: "AIRADM", Epoch: src.Epoch(), Verify: src.Verify}); err != nil {
+			t.Fatal(err)
+		}
+		opened, err := Open(d, c, nil, SizeLimit{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		otr, err := ClusterTree(opened, runner(t), Mount{Label: "AIRADM"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := WriteISO(filepath.Join(dir, "opened"), otr, ISOOptions{Label: "AIRADM", Epoch: opened.Epoch()}); err != nil {
+			t.Fatal(err)
+		}
+		if a, b := fileSHA256(t, filepath.Join(dir, "scanned")), fileSHA256(t, filepath.Join(dir, "opened")); a != b {
+			t.Errorf("scanned and opened images differ: %s, %s", a, b)
+		}
+	})
+	t.Run("damaged after Scan", func(t *testing.T) {
+		d, src, tr := scan(t)
+		p := filepath.Join(d, "w1.bundle")
+		b, _ := os.ReadFile(p)
+		b[strings.Index(string(b), "tls-bootstrap-token-user")] ^= 1
+		os.WriteFile(p, b, 0o600)
+		dir := t.TempDir()
+		err := WriteISO(filepath.Join(dir, "img"), tr, ISOOptions{Label: "AIRADM", Verify: src.Verify})
+		want := "verifying " + p + ": entry files/etc/kubernetes/bootstrap-kubelet.conf: sha256 mismatch"
+		if err == nil || !strings.HasPrefix(err.Error(), want) || !isInput(err) {
+			t.Fatalf("WriteISO = %v, want an InputError beginning %q", err, want)
+		}
+		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+			t.Errorf("a refused write left %v", entries)
+		}
+	})
+	t.Run("never verified", func(t *testing.T) {
+		_, _, tr := scan(t)
+		dir := t.TempDir()
+		err := WriteISO(filepath.Join(dir, "img"), tr, ISOOptions{Label: "AIRADM"})
+		if err == nil || !strings.Contains(err.Error(), "has not been verified") {
+			t.Fatalf("WriteISO = %v, want a refusal to copy unverified bytes", err)
+		}
+		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+			t.Errorf("a refused write left %v", entries)
+		}
+	})
+}
