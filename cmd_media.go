@@ -92,7 +92,8 @@ type MediaISOCmd struct {
 func (cmd *MediaISOCmd) Validate() error { return media.CheckISOLabel(cmd.Label) }
 
 func (cmd *MediaISOCmd) Run(env *Env) error {
-	// Verified while the image is laid out (ISOOptions.Verify).
+	// Verified while the image is laid out (ISOOptions.Verify), by entries
+	// and manifest digest: the copy pass checks each file's sha256.
 	src, runner, err := cmd.open(cmd.Nodes, media.SizeLimit{}, false)
 	if err != nil {
 		return err
@@ -105,7 +106,7 @@ func (cmd *MediaISOCmd) Run(env *Env) error {
 	if err != nil {
 		return mediaError(err)
 	}
-	if err := media.WriteISO(cmd.Out, t, media.ISOOptions{Label: cmd.Label, Epoch: epoch, Verify: src.Verify}); err != nil {
+	if err := media.WriteISO(cmd.Out, t, media.ISOOptions{Label: cmd.Label, Epoch: epoch, Verify: src.VerifyEntries}); err != nil {
 		return mediaError(err)
 	}
 	reportMedium(env, cmd.Out, "ISO 9660 labelled "+cmd.Label+" with", src)

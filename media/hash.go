@@ -7,6 +7,8 @@ import (
 	"hash"
 	"io"
 	"os"
+
+	"airadm.dev/airadm/trust"
 )
 
 // pipeHash hashes with sha256, on a goroutine of its own, the chunks
@@ -71,7 +73,10 @@ func (p *pipeHash) sum() string {
 
 // copyInto copies tf.From to w in large pieces and checks, in the same
 // pass, that it still has the size and sha256 it had when it was verified,
-// so the medium carries exactly the bytes that were verified.
+// so the medium carries exactly the bytes that were verified. For a bundle
+// verified by its entries alone (VerifyEntries) the sha256 is its line in
+// SHA256SUMS, whose manifest digest the verification matched: this check
+// is then the one that binds the two.
 func copyInto(w io.Writer, tf File) error {
 	if tf.bundle != nil && !tf.bundle.verified {
 		// A Tree of a Source from Scan: its sums are only claimed.
@@ -89,6 +94,11 @@ func copyInto(w io.Writer, tf File) error {
 		return fmt.Errorf("copying %s: %w", tf.From, err)
 	}
 	if n != tf.Size || sum != tf.sum {
+		if tf.bundle != nil && !tf.bundle.fileChecked && n == tf.Size {
+			// Verified by its entries alone (VerifyEntries): this is the
+			// first look at its whole-file sha256.
+			return &InputError{fmt.Errorf("verifying %s: file sha256 %s is not %s from %s (the file was altered outside its entries, is another build, or changed after it was verified): %w", tf.From, sum, tf.sum, trust.SumsFile, trust.ErrUntrusted)}
+		}
 		return inputErrorf("%s changed after it was verified; run again once nothing writes it", tf.From)
 	}
 	return nil

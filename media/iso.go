@@ -36,8 +36,8 @@ type ISOOptions struct {
 	Label string
 	// Epoch is every timestamp the image records.
 	Epoch time.Time
-	// Verify, when set, verifies the files the tree copies (Source.Verify
-	// of a Scan). It runs while go-diskfs lays the image out, which reads
+	// Verify, when set, verifies the files the tree copies (VerifyEntries
+	// or Verify of the Source from Scan). It runs while go-diskfs lays the image out, which reads
 	// none of their bytes, instead of before: on two cores that hides most
 	// of a full read and two sha256 passes. Its error aborts the write
 	// before any of those bytes are copied.
@@ -88,9 +88,6 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 	if err := fillWorkspace(ws, t); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
-	// A verification error is returned as Open would have, not as a
-	// failure to write path.
-	var verr error
 	err = atomicfile.WriteFrom(path, 0o600, func(w io.Writer) error {
 		f, ok := w.(*os.File)
 		if !ok {
@@ -108,7 +105,7 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 			err = iw.flush()
 		}
 		// Bad input first: it says what the operator must fix.
-		if verr = wait(); verr != nil {
+		if verr := wait(); verr != nil {
 			return verr
 		}
 		if err != nil {
@@ -119,8 +116,11 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 		}
 		return normaliseISO(f, o.Epoch)
 	})
-	if verr != nil {
-		return verr
+	// Bad input (a bundle that fails verification, or changed since) is
+	// said as Open says it, not as a failure to write path.
+	var ie *InputError
+	if errors.As(err, &ie) {
+		return ie
 	}
 	return err
 }

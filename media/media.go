@@ -58,7 +58,9 @@ type Bundle struct {
 	pack string
 	// verified is set once every byte has been read and checked; until
 	// then the fields above are what the manifest and SHA256SUMS claim.
-	verified bool
+	// fileChecked says whether that check included SHA256 (see
+	// VerifyEntries).
+	verified, fileChecked bool
 }
 
 // Source is the verified input of every medium: the bundles of the chosen
@@ -181,7 +183,7 @@ func Scan(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Sour
 		if b.peek(c.Name, sums[b.Name]) {
 			continue
 		}
-		if err := b.verify(c.Name); err != nil {
+		if err := b.verify(c.Name, true); err != nil {
 			return nil, err
 		}
 	}
@@ -213,14 +215,26 @@ func (b *Bundle) peek(cluster string, line trust.Sum) bool {
 // yet: each bundle through the verifying reader and against its line in
 // SHA256SUMS, and the image pack whole. A bundle must also be what Scan
 // found in it, unchanged since.
-func (s *Source) Verify() error {
+func (s *Source) Verify() error { return s.verifyAll(true) }
+
+// VerifyEntries is Verify without the sha256 of each whole bundle file
+// when SHA256SUMS gives its manifest digest: the entries and the manifest
+// digest are checked, every byte read. It serves a medium whose copy pass
+// hashes each file against its line anyway (copyInto): by the bundle
+// format a manifest digest admits exactly one file (docs/bundle-format.md,
+// Authenticity; apply reads by trust.Vouch.ManifestBound for the same
+// reason), so a third sha256 of every byte, before the copy, proves
+// nothing the copy does not, and costs a core for as long as the read.
+func (s *Source) VerifyEntries() error { return s.verifyAll(false) }
+
+func (s *Source) verifyAll(wholeFile bool) error {
 	for i := range s.Bundles {
 		b := &s.Bundles[i]
 		if b.verified {
 			continue
 		}
 		peeked := *b
-		if err := b.verify(s.Cluster.Name); err != nil {
+		if err := b.verify(s.Cluster.Name, wholeFile); err != nil {
 			return err
 		}
 		if b.ManifestDigest != peeked.ManifestDigest || b.SHA256 != peeked.SHA256 {
@@ -294,14 +308,17 @@ func (s *Source) verifyPack() error {
 	if fi.Size() != p.Size || !fi.ModTime().Equal(p.modTime) {
 		return inputErrorf("verifying %s: it changed while it was read; run again once nothing writes it", p.Path)
 	}
-	p.verified = true
+	p.verified, p.fileChecked = true, true
 	return nil
 }
 
 // tooLargeHint says what to do about a bundle over the FAT32 limit.
 const tooLargeHint = "write an ISO instead (airadm media iso), which has no such limit, or build that node's bundle smaller (fewer [images] extra or [host] files)"
 
-func (b *Bundle) verify(cluster string) error {
+// verify reads b through the verifying reader; with wholeFile, or when
+// SHA256SUMS gives no manifest digest, it also hashes the whole file
+// against its line (see VerifyEntries).
+func (b *Bundle) verify(cluster string, wholeFile bool) error {
 	v, err := trust.Find(b.Path, "", nil)
 	if err != nil {
 		return &InputError{err}
@@ -311,19 +328,29 @@ func (b *Bundle) verify(cluster string) error {
 		return &InputError{fmt.Errorf("opening bundle: %w", err)}
 	}
 	defer f.Close()
-	// trust.Verify would hash the whole file in the reader's pass; hashing
-	// it on another core instead halves the wall time of this pass, which
-	// reads every byte before anything is written.
-	whole := newPipeHash()
 	wantFile := v.FileSHA256
-	v.FileSHA256 = ""
-	m, digest, err := trust.Verify(io.TeeReader(f, whole), v, bundle.Visitor{})
-	if err == nil {
-		// The reader stops at the end of the archive; anything after it
-		// still counts, as it does for sha256sum.
-		_, err = io.Copy(whole, f)
+	wholeFile = wholeFile || v.ManifestDigest == ""
+	var m *bundle.Manifest
+	var digest, got string
+	if wholeFile {
+		// trust.Verify would hash the whole file in the reader's pass;
+		// hashing it on another core instead halves the wall time of
+		// this pass, which reads every byte before anything is written.
+		whole := newPipeHash()
+		v.FileSHA256 = ""
+		m, digest, err = trust.Verify(io.TeeReader(f, whole), v, bundle.Visitor{})
+		if err == nil {
+			// The reader stops at the end of the archive; anything after
+			// it still counts, as it does for sha256sum.
+			_, err = io.Copy(whole, f)
+		}
+		got = whole.sum()
+	} else {
+		// The reader still reads to the end and refuses any byte after
+		// the archive.
+		m, digest, err = trust.Verify(f, v.ManifestBound(), bundle.Visitor{})
+		got = wantFile // as claimed; copyInto checks it
 	}
-	got := whole.sum()
 	if err != nil {
 		// Damaged, truncated or another build: refused as bad input
 		// (the reader's own error types stay inside).
@@ -343,7 +370,7 @@ func (b *Bundle) verify(cluster string) error {
 		return inputErrorf("verifying %s: it changed while it was read; run again once nothing writes it", b.Path)
 	}
 	b.SHA256, b.ManifestDigest, b.BuildTime, b.pack = got, digest, m.BuildTime, m.Pack
-	b.verified = true
+	b.verified, b.fileChecked = true, wholeFile
 	return nil
 }
 

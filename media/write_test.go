@@ -1,11 +1,14 @@
 package media
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"airadm.dev/airadm/trust"
 )
 
 // medium is one kind of image the tests write from the quickstart.
@@ -281,9 +284,12 @@ func withBundleChanged(t *testing.T, p string, write func() error) error {
 // of a Source nothing verified is never copied.
 func TestWriteISOVerifiesWhileLayingOut(t *testing.T) {
 	c, out := quickstart(t)
-	scan := func(t *testing.T) (string, *Source, Tree) {
+	scan := func(t *testing.T, damage ...func(dir string)) (string, *Source, Tree) {
 		d := t.TempDir()
 		copyDir(t, out, d)
+		for _, f := range damage {
+			f(d)
+		}
 		src, err := Scan(d, c, nil, SizeLimit{})
 		if err != nil {
 			t.Fatal(err)
@@ -297,7 +303,7 @@ func TestWriteISOVerifiesWhileLayingOut(t *testing.T) {
 	t.Run("same image as Open", func(t *testing.T) {
 		d, src, tr := scan(t)
 		dir := t.TempDir()
-		if err := WriteISO(filepath.Join(dir, "scanned"), tr, ISOOptions{Label: "AIRADM", Epoch: src.Epoch(), Verify: src.Verify}); err != nil {
+		if err := WriteISO(filepath.Join(dir, "scanned"), tr, ISOOptions{Label: "AIRADM", Epoch: src.Epoch(), Verify: src.VerifyEntries}); err != nil {
 			t.Fatal(err)
 		}
 		opened, err := Open(d, c, nil, SizeLimit{})
@@ -322,10 +328,26 @@ func TestWriteISOVerifiesWhileLayingOut(t *testing.T) {
 		b[strings.Index(string(b), "tls-bootstrap-token-user")] ^= 1
 		os.WriteFile(p, b, 0o600)
 		dir := t.TempDir()
-		err := WriteISO(filepath.Join(dir, "img"), tr, ISOOptions{Label: "AIRADM", Verify: src.Verify})
+		err := WriteISO(filepath.Join(dir, "img"), tr, ISOOptions{Label: "AIRADM", Verify: src.VerifyEntries})
 		want := "verifying " + p + ": entry files/etc/kubernetes/bootstrap-kubelet.conf: sha256 mismatch"
 		if err == nil || !strings.HasPrefix(err.Error(), want) || !isInput(err) {
 			t.Fatalf("WriteISO = %v, want an InputError beginning %q", err, want)
+		}
+		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+			t.Errorf("a refused write left %v", entries)
+		}
+	})
+	t.Run("SHA256SUMS vouches for other bytes", func(t *testing.T) {
+		d, src, tr := scan(t, func(d string) {
+			s, _ := trust.ReadSums(filepath.Join(d, "SHA256SUMS"))
+			s["w1.bundle"] = trust.Sum{File: strings.Repeat("ab", 32), Manifest: s["w1.bundle"].Manifest}
+			s.Write(filepath.Join(d, "SHA256SUMS"))
+		})
+		dir := t.TempDir()
+		err := WriteISO(filepath.Join(dir, "img"), tr, ISOOptions{Label: "AIRADM", Verify: src.VerifyEntries})
+		want := "verifying " + filepath.Join(d, "w1.bundle") + ": file sha256 "
+		if err == nil || !strings.HasPrefix(err.Error(), want) || !isInput(err) || !errors.Is(err, trust.ErrUntrusted) {
+			t.Fatalf("WriteISO = %v, want an untrusted InputError beginning %q", err, want)
 		}
 		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
 			t.Errorf("a refused write left %v", entries)
