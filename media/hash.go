@@ -73,31 +73,59 @@ func (p *pipeHash) sum() string {
 
 // copyInto copies tf.From to w in large pieces and checks, in the same
 // pass, that it still has the size and sha256 it had when it was verified,
-// so the medium carries exactly the bytes that were verified. For a bundle
-// verified by its entries alone (VerifyEntries) the sha256 is its line in
-// SHA256SUMS, whose manifest digest the verification matched: this check
-// is then the one that binds the two.
+// so the medium carries exactly the bytes that were verified. It refuses a
+// file that has not been verified before reading a byte of it.
 func copyInto(w io.Writer, tf File) error {
+	if err := checkVerified(tf); err != nil {
+		return err
+	}
+	return checkCopied(tf, copyHashed(w, tf))
+}
+
+// checkVerified refuses a file of a Tree whose Source has not been
+// verified: its sums are only claimed (a Tree of a Source from Scan).
+func checkVerified(tf File) error {
 	if tf.bundle != nil && !tf.bundle.verified {
-		// A Tree of a Source from Scan: its sums are only claimed.
 		return fmt.Errorf("copying %s: it has not been verified (Source.Verify)", tf.From)
 	}
+	return nil
+}
+
+// copied is what copyHashed found.
+type copied struct {
+	n   int64
+	sum string
+	err error
+}
+
+// copyHashed copies tf.From to w in large pieces, hashing them with sha256
+// on another core. It reads nothing of tf.bundle, which verification may
+// be writing meanwhile: checkCopied judges the result once it is done.
+func copyHashed(w io.Writer, tf File) copied {
 	in, err := os.Open(tf.From)
 	if err != nil {
-		return fmt.Errorf("copying %s: %w", tf.From, err)
+		return copied{err: err}
 	}
 	defer in.Close()
 	p := newPipeHash()
 	n, err := copyChunks(w, io.LimitReader(in, tf.Size+1), p) // one byte past the size tells a file that grew
-	sum := p.sum()
-	if err != nil {
-		return fmt.Errorf("copying %s: %w", tf.From, err)
+	return copied{n: n, sum: p.sum(), err: err}
+}
+
+// checkCopied says whether c carried exactly the size and sha256 tf had
+// when it was verified. For a bundle verified by its entries alone
+// (VerifyEntries) the sha256 is its line in SHA256SUMS, whose manifest
+// digest the verification matched: this check is then the one that binds
+// the two. Call it only once verification is over.
+func checkCopied(tf File, c copied) error {
+	if c.err != nil {
+		return fmt.Errorf("copying %s: %w", tf.From, c.err)
 	}
-	if n != tf.Size || sum != tf.sum {
-		if tf.bundle != nil && !tf.bundle.fileChecked && n == tf.Size {
+	if c.n != tf.Size || c.sum != tf.sum {
+		if tf.bundle != nil && !tf.bundle.fileChecked && c.n == tf.Size {
 			// Verified by its entries alone (VerifyEntries): this is the
 			// first look at its whole-file sha256.
-			return &InputError{fmt.Errorf("verifying %s: file sha256 %s is not %s from %s (the file was altered outside its entries, is another build, or changed after it was verified): %w", tf.From, sum, tf.sum, trust.SumsFile, trust.ErrUntrusted)}
+			return &InputError{fmt.Errorf("verifying %s: file sha256 %s is not %s from %s (the file was altered outside its entries, is another build, or changed after it was verified): %w", tf.From, c.sum, tf.sum, trust.SumsFile, trust.ErrUntrusted)}
 		}
 		return inputErrorf("%s changed after it was verified; run again once nothing writes it", tf.From)
 	}

@@ -3,6 +3,7 @@ package media
 import (
 	"bytes"
 	"cmp"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -50,12 +52,17 @@ type ISOOptions struct {
 //
 // go-diskfs builds the image from a workspace directory and copies every
 // file's data into it 2 KiB at a time. The bundles and the runner are
-// large, so the workspace holds only sparse stand-ins of their sizes:
-// go-diskfs lays out the image from them, its writes of their zeros are
-// left as holes (see imageWriter), and fillExtents then copies each source
-// into the extent go-diskfs gave it, in large pieces, hashing it in the
-// same pass. So every bundle byte is read once and written once, and the
-// bytes on the medium are the ones verified.
+// large, so the workspace holds only sparse stand-ins of their sizes, each
+// beginning with a marker of its own: go-diskfs lays out the image from
+// them, and when it starts writing a stand-in's data (the marker, at the
+// start of its extent; see imageWriter) a copier copies the real file into
+// that extent, in large pieces, hashing it in the same pass, while
+// go-diskfs goes on (its writes of the stand-in are dropped). So every
+// bundle byte is read once and written once, the bytes on the medium are
+// the ones verified, and the copy costs little wall time beyond
+// go-diskfs's own. The image is read back afterwards to check that every
+// extent copied into is the one go-diskfs recorded; a file whose marker
+// never came is copied then (fillExtents).
 // go-diskfs records the wall clock and the workspace's owners, ctimes and
 // link counts; normaliseISO then rewrites those fields so that the same
 // tree and epoch give the same bytes.
@@ -85,15 +92,29 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	defer os.RemoveAll(ws)
-	if err := fillWorkspace(ws, t); err != nil {
+	markers := standInMarkers(t)
+	if err := fillWorkspace(ws, t, markers); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
+	// The copy runs before verification is over, and may copy bytes that
+	// then fail it (or a Tree nothing verifies): that is safe only because
+	// the image is atomicfile's temporary file, renamed to path only once
+	// verification has passed and every copy's sha256 matched; any error
+	// here removes it, so nothing unverified ever reaches path.
 	err = atomicfile.WriteFrom(path, 0o600, func(w io.Writer) error {
 		f, ok := w.(*os.File)
 		if !ok {
 			return errors.New("the image needs a file it can write at offsets")
 		}
+		cp := startCopier(f, t)
+		copierWaited := false
+		defer func() {
+			if !copierWaited {
+				cp.stop()
+			}
+		}()
 		iw := newImageWriter(f, 4*mib)
+		iw.expect(t, markers, cp.copy)
 		fsys, err := iso9660.Create(file.New(iw, false), 0, 0, isoSector, ws)
 		if err != nil {
 			return fmt.Errorf("creating the ISO 9660 filesystem: %w", err)
@@ -104,14 +125,21 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 		if err == nil {
 			err = iw.flush()
 		}
+		verr := wait()
+		copierWaited = true
+		if verr != nil || err != nil {
+			cp.stop()
+		} else {
+			cp.wait()
+		}
 		// Bad input first: it says what the operator must fix.
-		if verr := wait(); verr != nil {
+		if verr != nil {
 			return verr
 		}
 		if err != nil {
 			return fmt.Errorf("writing the ISO 9660 filesystem: %w", err)
 		}
-		if err := fillExtents(f, iw.size, t); err != nil {
+		if err := fillExtents(f, iw.size, t, cp.results); err != nil {
 			return err
 		}
 		return normaliseISO(f, o.Epoch)
@@ -123,6 +151,35 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 		return ie
 	}
 	return err
+}
+
+// markerLen is the length of a stand-in's marker.
+const markerLen = sha256.Size
+
+// standInMarkers gives each From file of t at least markerLen long (by its
+// index in t; nil for the others) the marker its stand-in begins with: the
+// sha256 of all t holds (paths, modes, sizes, sums, the small files' data)
+// and the file's index. It is the same for the same tree, so the
+// workspace and go-diskfs's layout are too (and the marker never reaches
+// the image); and no file of t holds another's marker, since a small file
+// that did would hold a sha256 of its own content.
+func standInMarkers(t Tree) [][]byte {
+	h := sha256.New()
+	for _, f := range t {
+		fmt.Fprintf(h, "%q %o %d %s %s\n", f.Path, f.Mode, f.Size, f.From, f.sum)
+		d := sha256.Sum256(f.Data)
+		h.Write(d[:])
+	}
+	tree := h.Sum(nil)
+	m := make([][]byte, len(t))
+	for i, f := range t {
+		if f.From == "" || f.Size < markerLen {
+			continue
+		}
+		s := sha256.Sum256(fmt.Appendf(slices.Clip(tree), " stand-in %d", i))
+		m[i] = s[:]
+	}
+	return m
 }
 
 // workspaceParent is where the workspace goes: a tmpfs when there is one
@@ -144,9 +201,10 @@ func workspaceParent(dir string) string {
 }
 
 // fillWorkspace lays t out under ws: small files whole, the others (From)
-// as sparse files of their size and mode, which cost no disk space.
-func fillWorkspace(ws string, t Tree) error {
-	for _, f := range t {
+// as sparse files of their size and mode, which cost no disk space, each
+// beginning with its marker, if any.
+func fillWorkspace(ws string, t Tree, markers [][]byte) error {
+	for i, f := range t {
 		p := filepath.Join(ws, filepath.FromSlash(f.Path))
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			return err
@@ -160,7 +218,7 @@ func fillWorkspace(ws string, t Tree) error {
 		}
 		if f.From == "" {
 			_, err = out.Write(f.Data)
-		} else {
+		} else if _, err = out.Write(markers[i]); err == nil {
 			err = out.Truncate(f.Size)
 		}
 		if err == nil {
@@ -176,14 +234,16 @@ func fillWorkspace(ws string, t Tree) error {
 	return nil
 }
 
-// fillExtents copies every From file of t into the image f of size bytes,
-// at the extent go-diskfs recorded for it, as go-diskfs reads it back.
-func fillExtents(f *os.File, size int64, t Tree) error {
+// fillExtents checks, as go-diskfs reads the image f of size bytes back,
+// that the copier copied every From file of t into the extent go-diskfs
+// recorded for it, with the bytes verified (copied holds, by index in t,
+// what it did), and copies any file it did not.
+func fillExtents(f *os.File, size int64, t Tree, copied []copyResult) error {
 	fsys, err := iso9660.Read(file.New(f, true), size, 0, isoSector)
 	if err != nil {
 		return fmt.Errorf("reading back the ISO 9660 filesystem: %w", err)
 	}
-	for _, tf := range t {
+	for i, tf := range t {
 		if tf.From == "" {
 			continue
 		}
@@ -195,20 +255,118 @@ func fillExtents(f *os.File, size int64, t Tree) error {
 		if !ok {
 			return fmt.Errorf("finding %s in the ISO 9660 filesystem: go-diskfs returned a %T", tf.Path, e)
 		}
-		if err := copyInto(io.NewOffsetWriter(f, int64(ie.Location())*isoSector), tf); err != nil {
+		off := int64(ie.Location()) * isoSector
+		c := copied[i]
+		if !c.started {
+			// No marker seen (a stand-in too small for one, or a go-diskfs
+			// that writes file data otherwise): copy it now.
+			if err := copyInto(io.NewOffsetWriter(f, off), tf); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := checkVerified(tf); err != nil {
+			return err
+		}
+		if c.off != off {
+			return fmt.Errorf("copying %s: copied at byte %d of the image, where go-diskfs records it at byte %d", tf.From, c.off, off)
+		}
+		if err := checkCopied(tf, c.copied); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
+// copier copies From files into the image's extents as imageWriter finds
+// them, one after another on a goroutine of its own, while go-diskfs goes
+// on laying out the image: pwrite at offsets go-diskfs no longer writes
+// (imageWriter drops its writes there) is safe beside its writes
+// elsewhere. One file at a time keeps the reads sequential and leaves the
+// other core to go-diskfs, verification and the copy's sha256.
+type copier struct {
+	f    *os.File
+	t    Tree
+	todo chan copyJob
+	halt atomic.Bool
+	done chan struct{}
+	// results holds, by index in t, where each file was copied and what
+	// the copy found; it is the copier's until done is closed.
+	results []copyResult
+}
+
+type copyJob struct {
+	index int
+	off   int64
+}
+
+type copyResult struct {
+	started bool
+	off     int64
+	copied
+}
+
+var errHalted = errors.New("the write was abandoned")
+
+func startCopier(f *os.File, t Tree) *copier {
+	c := &copier{f: f, t: t, todo: make(chan copyJob, len(t)), done: make(chan struct{}), results: make([]copyResult, len(t))}
+	go func() {
+		defer close(c.done)
+		for j := range c.todo {
+			r := &c.results[j.index]
+			r.started, r.off = true, j.off
+			if c.halt.Load() {
+				r.err = errHalted
+				continue
+			}
+			r.copied = copyHashed(haltWriter{io.NewOffsetWriter(c.f, j.off), &c.halt}, c.t[j.index])
+		}
+	}()
+	return c
+}
+
+// copy queues t[i] to be copied at byte off of the image; it never blocks
+// (each file is queued at most once).
+func (c *copier) copy(i int, off int64) { c.todo <- copyJob{i, off} }
+
+// wait waits for every queued copy.
+func (c *copier) wait() {
+	close(c.todo)
+	<-c.done
+}
+
+// stop abandons the copies, for a write that failed, and waits for the
+// copier to let go of the image and the sources.
+func (c *copier) stop() {
+	c.halt.Store(true)
+	c.wait()
+}
+
+// haltWriter fails once halt is set, so that an abandoned write does not
+// go on copying a large file.
+type haltWriter struct {
+	w    io.Writer
+	halt *atomic.Bool
+}
+
+func (h haltWriter) Write(p []byte) (int, error) {
+	if h.halt.Load() {
+		return 0, errHalted
+	}
+	return h.w.Write(p)
+}
+
 // imageWriter gathers go-diskfs's consecutive WriteAt calls into large
 // writes (go-diskfs v1.9.4 writes file data 2 KiB at a time, one pwrite
 // each), and leaves as holes the zeros it writes where nothing was written
-// yet: mostly the stand-ins' data, which fillExtents then overwrites. Holes
-// read as zeros, so the image's bytes are what go-diskfs wrote. Reads and
-// seeks flush first, so go-diskfs always sees what it wrote. The first
-// error sticks, since go-diskfs ignores some WriteAt results.
+// yet. Holes read as zeros, so the image's bytes are what go-diskfs wrote,
+// except in the From files' extents: a write that begins with a stand-in's
+// marker (see expect) is where go-diskfs starts writing that file's data,
+// sequentially from its extent's first byte, so the file's extent is found
+// there; the copier is told, and go-diskfs's writes inside the extent
+// (only the stand-in's marker and zeros) are dropped. Reads and seeks
+// flush first, so go-diskfs always sees what it wrote. The first error
+// sticks, since go-diskfs ignores some WriteAt results.
 type imageWriter struct {
 	*os.File
 	buf  []byte
@@ -220,32 +378,112 @@ type imageWriter struct {
 	written []extent
 	size    int64 // the image's size: the end of the last write, hole or not
 	err     error
+	// markers maps each marker not seen yet to its stand-in; found is
+	// told of each extent found, and claimed holds them, in order.
+	markers map[string]standIn
+	found   func(i int, off int64)
+	claimed []extent
 }
 
 type extent struct{ start, end int64 }
 
+// standIn is a From file of the tree, by its index, and its size.
+type standIn struct {
+	index int
+	size  int64
+}
+
 func newImageWriter(f *os.File, bufSize int) *imageWriter {
 	return &imageWriter{File: f, buf: make([]byte, 0, bufSize), zero: make([]byte, bufSize)}
+}
+
+// expect makes w look for the markers of t's stand-ins (by index in t,
+// nil for none) and call found with each file and its extent's offset.
+func (w *imageWriter) expect(t Tree, markers [][]byte, found func(i int, off int64)) {
+	w.markers, w.found = map[string]standIn{}, found
+	for i, m := range markers {
+		if m != nil {
+			w.markers[string(m)] = standIn{i, t[i].Size}
+		}
+	}
 }
 
 func (w *imageWriter) WriteAt(p []byte, off int64) (int, error) {
 	if w.err != nil {
 		return 0, w.err
 	}
+	n := len(p)
+	if len(w.markers) > 0 && len(p) >= markerLen {
+		if s, ok := w.markers[string(p[:markerLen])]; ok {
+			delete(w.markers, string(p[:markerLen]))
+			w.claim(extent{off, off + s.size}, s.index)
+		}
+	}
+	// Keep only what lies outside the claimed extents: nearly always all
+	// of p or none of it.
+	for _, c := range w.claimed {
+		end := off + int64(len(p))
+		if len(p) == 0 || c.start >= end {
+			break
+		}
+		if c.end <= off {
+			continue
+		}
+		if c.start > off {
+			w.put(p[:c.start-off], off)
+		}
+		if c.end >= end {
+			p = nil
+			break
+		}
+		p, off = p[c.end-off:], c.end
+	}
+	if len(p) > 0 {
+		w.put(p, off)
+	}
+	return n, w.err
+}
+
+// claim drops go-diskfs's writes in e from now on and has the copier copy
+// file i there. What w holds is written first, so that nothing written
+// before can land over the copier's bytes later; and the image is
+// extended over e, if it is not already, so that the copier's writes
+// never lie past the size w knows (which write's Truncate would cut them
+// off at).
+func (w *imageWriter) claim(e extent, i int) {
+	if w.flush() != nil {
+		return
+	}
+	if e.end > w.size {
+		w.size = e.end
+		if w.err = w.File.Truncate(e.end); w.err != nil {
+			return
+		}
+	}
+	w.claimed = append(w.claimed, e)
+	slices.SortFunc(w.claimed, func(a, b extent) int { return cmp.Compare(a.start, b.start) })
+	w.found(i, e.start)
+}
+
+// put is WriteAt's coalescing, for p that lies outside every claimed
+// extent.
+func (w *imageWriter) put(p []byte, off int64) {
+	if w.err != nil {
+		return
+	}
 	if len(w.buf) > 0 && (off != w.off+int64(len(w.buf)) || len(w.buf)+len(p) > cap(w.buf)) {
-		if err := w.flush(); err != nil {
-			return 0, err
+		if w.flush() != nil {
+			return
 		}
 	}
 	if len(p) >= cap(w.buf) {
 		w.write(p, off)
-		return len(p), w.err
+		return
 	}
 	if len(w.buf) == 0 {
 		w.off = off
 	}
 	w.buf = append(w.buf, p...)
-	return len(p), nil
 }
 
 // write writes p at off, or, when p is zeros where nothing was written,
