@@ -39,10 +39,12 @@ type ISOOptions struct {
 	// Epoch is every timestamp the image records.
 	Epoch time.Time
 	// Verify, when set, verifies the files the tree copies (VerifyEntries
-	// or Verify of the Source from Scan). It runs while go-diskfs lays the image out, which reads
-	// none of their bytes, instead of before: on two cores that hides most
-	// of a full read and two sha256 passes. Its error aborts the write
-	// before any of those bytes are copied.
+	// or Verify of the Source from Scan). It runs while go-diskfs lays the
+	// image out, which reads none of their bytes, instead of before: on two
+	// cores that hides most of a full read and a sha256 pass. The copy into
+	// the image runs meanwhile too, into a temporary file; an error of
+	// Verify, or a file of the tree it leaves unverified, discards that
+	// file, so no byte it did not pass reaches the image's path.
 	Verify func() error
 }
 

@@ -116,9 +116,10 @@ func Open(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Sour
 // pack and digest: all a Tree needs). What a manifest claims is checked
 // against the line and the config, and a bundle that fails is verified at
 // once, so its error is the verifying reader's, as from Open. The Source
-// must pass Verify before any of its bytes are copied: copies refuse a file
-// that has not (see copyInto), and WriteISO runs Verify while go-diskfs
-// lays the image out, which needs none of those bytes.
+// must pass Verify before any of its bytes reach a medium: copies refuse a
+// file that has not (see copyInto and checkVerified), and WriteISO runs
+// Verify while go-diskfs lays the image out, copying into a temporary file
+// meanwhile that it renames into place only once Verify has passed.
 func Scan(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Source, error) {
 	var chosen []render.Node
 	if len(nodes) == 0 {
