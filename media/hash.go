@@ -79,7 +79,7 @@ func copyInto(w io.Writer, tf File) error {
 	if err := checkVerified(tf); err != nil {
 		return err
 	}
-	return checkCopied(tf, copyHashed(w, tf))
+	return checkCopied(tf, copyHashed(w, tf, chunkSize))
 }
 
 // checkVerified refuses a file of a Tree whose Source has not been
@@ -101,14 +101,15 @@ type copied struct {
 // copyHashed copies tf.From to w in large pieces, hashing them with sha256
 // on another core. It reads nothing of tf.bundle, which verification may
 // be writing meanwhile: checkCopied judges the result once it is done.
-func copyHashed(w io.Writer, tf File) copied {
+// The first piece is first bytes long (at most chunkSize).
+func copyHashed(w io.Writer, tf File, first int) copied {
 	in, err := os.Open(tf.From)
 	if err != nil {
 		return copied{err: err}
 	}
 	defer in.Close()
 	p := newPipeHash()
-	n, err := copyChunks(w, io.LimitReader(in, tf.Size+1), p) // one byte past the size tells a file that grew
+	n, err := copyChunks(w, io.LimitReader(in, tf.Size+1), p, first) // one byte past the size tells a file that grew
 	return copied{n: n, sum: p.sum(), err: err}
 }
 
@@ -132,10 +133,13 @@ func checkCopied(tf File, c copied) error {
 	return nil
 }
 
-func copyChunks(w io.Writer, r io.Reader, p *pipeHash) (int64, error) {
+func copyChunks(w io.Writer, r io.Reader, p *pipeHash, first int) (int64, error) {
 	var n int64
 	for {
 		c := p.buffer()
+		if n == 0 {
+			c = c[:first]
+		}
 		k, err := io.ReadFull(r, c)
 		if k > 0 {
 			if _, err := w.Write(c[:k]); err != nil {
