@@ -7,6 +7,7 @@ import (
 	"hash"
 	"io"
 	"os"
+	"sync/atomic"
 
 	"airadm.dev/airadm/trust"
 )
@@ -25,7 +26,7 @@ type pipeHash struct {
 
 const (
 	chunkSize    = 4 * mib
-	chunkBuffers = 3
+	chunkBuffers = 4
 )
 
 func newPipeHash() *pipeHash {
@@ -133,26 +134,47 @@ func checkCopied(tf File, c copied) error {
 	return nil
 }
 
+// copyChunks copies r to w, and hands every piece to p, in order, once
+// written. The writes run on a goroutine of their own, so that reading the
+// next piece overlaps writing this one (an O_DIRECT write waits for the
+// disk), and the sha256 of the one before runs on p's.
 func copyChunks(w io.Writer, r io.Reader, p *pipeHash, first int) (int64, error) {
+	todo := make(chan []byte, chunkBuffers)
+	werr := make(chan error, 1)
+	var failed atomic.Bool
+	go func() {
+		var err error
+		for c := range todo {
+			if err == nil && len(c) > 0 {
+				if _, err = w.Write(c); err != nil {
+					failed.Store(true)
+				}
+			}
+			p.hash(c)
+		}
+		werr <- err
+	}()
 	var n int64
-	for {
+	var rerr error
+	for !failed.Load() {
 		c := p.buffer()
 		if n == 0 {
 			c = c[:first]
 		}
 		k, err := io.ReadFull(r, c)
-		if k > 0 {
-			if _, err := w.Write(c[:k]); err != nil {
-				return n, err
-			}
-			n += int64(k)
-		}
-		p.hash(c[:k])
+		n += int64(k)
+		todo <- c[:k]
 		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			return n, nil
+			break
 		}
 		if err != nil {
-			return n, err
+			rerr = err
+			break
 		}
 	}
+	close(todo)
+	if err := <-werr; err != nil {
+		return n, err
+	}
+	return n, rerr
 }
