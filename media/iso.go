@@ -336,7 +336,12 @@ func startCopier(f *os.File, t Tree) *copier {
 			first := chunkSize
 			if c.direct != nil {
 				w = &directWriter{c.f, c.direct, j.off}
-				first -= int(j.off % directAlign) // the next pieces start aligned
+				if r := int(j.off % directAlign); r != 0 {
+					// The extent starts off a block: a first piece up to
+					// the next block, so that every piece after starts
+					// aligned in the image as in its buffer.
+					first = directAlign - r
+				}
 			}
 			r.copied = copyHashed(haltWriter{w, &c.halt}, c.t[j.index], first)
 		}
@@ -366,12 +371,10 @@ func (c *copier) stop() {
 // that are not whole physical blocks are many times slower).
 const directAlign = 4096
 
-// directMemAlign is what O_DIRECT asks of the memory written: the logical
-// block size, 512 bytes on the disks met.
-const directMemAlign = 512
-
 // directWriter writes at off onward, through direct the pieces that are
-// aligned in the image and in memory, the rest through f.
+// aligned in the image and in memory, the rest through f. A filesystem
+// that refuses a direct write (EINVAL: it wants another alignment) gets
+// that piece and the rest through f.
 type directWriter struct {
 	f, direct *os.File
 	off       int64
@@ -383,10 +386,15 @@ func (w *directWriter) Write(p []byte) (int, error) {
 		dst, k := w.f, len(p)
 		if r := w.off % directAlign; r != 0 {
 			k = min(k, int(directAlign-r))
-		} else if k >= directAlign && uintptr(unsafe.Pointer(&p[0]))%directMemAlign == 0 {
+		} else if w.direct != nil && k >= directAlign && uintptr(unsafe.Pointer(&p[0]))%directAlign == 0 {
 			dst, k = w.direct, k-k%directAlign
 		}
-		if _, err := dst.WriteAt(p[:k], w.off); err != nil {
+		_, err := dst.WriteAt(p[:k], w.off)
+		if err != nil && dst == w.direct && errors.Is(err, syscall.EINVAL) {
+			w.direct = nil
+			_, err = w.f.WriteAt(p[:k], w.off)
+		}
+		if err != nil {
 			return n - len(p), err
 		}
 		p, w.off = p[k:], w.off+int64(k)
