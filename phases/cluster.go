@@ -77,11 +77,9 @@ func runWaitControlPlane(ctx context.Context, r *Run) error {
 	actx, stopAdmins := context.WithCancel(ctx)
 	defer stopAdmins()
 	opened := false
-	var laterErr error
 	open := func() {
 		opened = true
 		r.logf("  apiserver answering after %v; the other API steps start", time.Since(start).Round(10*time.Millisecond))
-		laterErr = r.writeLater(ctx)
 		r.apiIsReady()
 		go func() { admins <- EnsureClusterAdmins(actx, cs) }()
 	}
@@ -109,10 +107,7 @@ func runWaitControlPlane(ctx context.Context, r *Run) error {
 	if !opened {
 		open()
 	}
-	if err := <-admins; err != nil {
-		return err
-	}
-	return laterErr
+	return <-admins
 }
 
 // staticPodHealth asks each control-plane component's own health endpoint,

@@ -104,18 +104,9 @@ func runFiles(ctx context.Context, r *Run) error {
 	}
 	r.staged.removeStale()
 	keep := func(string) bool { return true }
-	switch {
-	case r.upgrade != nil:
+	if r.upgrade != nil {
 		// An upgrade swaps the static pods and the kubelet in later steps.
 		keep = func(p string) bool { return !heldBack(p) }
-	case !r.DryRun && r.planned("wait-control-plane"):
-		keep = func(p string) bool {
-			if r.startsLater(p) {
-				r.later = append(r.later, p)
-				return false
-			}
-			return true
-		}
 	}
 	wrote, same, err := r.writeEntries(ctx, keep, converging)
 	if err != nil {
@@ -132,40 +123,7 @@ func runFiles(ctx context.Context, r *Run) error {
 		r.logf("  the static pod manifests and the kubelet's files wait for their upgrade steps")
 		return nil
 	}
-	if len(r.later) > 0 {
-		r.logf("  %s: handed to the kubelet once the apiserver answers, so that it starts without them on the CPU", strings.Join(r.later, ", "))
-	}
 	r.reportRestarts()
-	return nil
-}
-
-// startsLater says whether p is a static pod manifest that this run hands
-// to the kubelet only once the apiserver answers: the controller-manager's
-// and the scheduler's, on a node that does not run them yet. Both only
-// retry against the API until it serves, and on a small machine their
-// start takes CPU the apiserver's start is waiting for. Where they already
-// run, a changed manifest is written at once, as every other file.
-func (r *Run) startsLater(p string) bool {
-	switch p {
-	case render.ManifestsDir + "/kube-controller-manager.yaml", render.ManifestsDir + "/kube-scheduler.yaml":
-	default:
-		return false
-	}
-	_, err := os.Lstat(r.path(p))
-	return errors.Is(err, os.ErrNotExist)
-}
-
-// writeLater writes the manifests the files phase left for this moment.
-func (r *Run) writeLater(ctx context.Context) error {
-	if len(r.later) == 0 {
-		return nil
-	}
-	later := r.later
-	r.later = nil
-	if _, _, err := r.writeEntries(ctx, func(p string) bool { return slices.Contains(later, p) }, false); err != nil {
-		return err
-	}
-	r.logf("  wrote %s", strings.Join(later, ", "))
 	return nil
 }
 

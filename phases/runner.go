@@ -135,9 +135,6 @@ type Run struct {
 	// changed lists the host paths the files phase wrote (or would, in a
 	// dry run), for the restarts they call for.
 	changed []string
-	// later holds the static pod manifests the files phase left for
-	// wait-control-plane to hand to the kubelet (startsLater).
-	later []string
 	// upgrade is set when the node runs an older Kubernetes than the
 	// bundle's (upgrade.go).
 	upgrade *Upgrade

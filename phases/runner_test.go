@@ -183,50 +183,6 @@ func TestRerunAfterCrashConverges(t *testing.T) {
 	}
 }
 
-// A first apply of a control plane hands the controller-manager and the
-// scheduler to the kubelet only once the apiserver answers; one that never
-// does leaves them unwritten, and a run without wait-control-plane (or on
-// a node that runs them) writes them at once.
-func TestControllersStartOnceTheAPIAnswers(t *testing.T) {
-	c := clustertest.New(t, cfg)
-	path, digest, _ := writeBundle(t, c)
-	root := t.TempDir()
-	later := []string{render.ManifestsDir + "/kube-controller-manager.yaml", render.ManifestsDir + "/kube-scheduler.yaml"}
-	exists := func(p string) bool {
-		_, err := os.Stat(hostfs.Path(root, p))
-		return err == nil
-	}
-	var out bytes.Buffer
-	o := phases.Options{Bundle: path, ManifestDigest: digest, Root: root, Node: "cp1", Out: &out, IgnorePreflight: []string{"all"},
-		SkipPhases: []string{"runtime", "images", "etcd-join", "kubelet", "wait-etcd"}, Timeout: time.Second}
-	// Nothing answers at 127.0.1.11:6443.
-	err := phases.Apply(context.Background(), o)
-	if err == nil || !strings.Contains(err.Error(), "wait-control-plane") {
-		t.Fatalf("apply with no apiserver: %v, want wait-control-plane to fail\n%s", err, out.String())
-	}
-	for _, p := range later {
-		if exists(p) {
-			t.Errorf("%s was written before the apiserver answered", p)
-		}
-		if !strings.Contains(out.String(), p) {
-			t.Errorf("the files phase does not say it holds %s back:\n%s", p, out.String())
-		}
-	}
-	for _, p := range []string{render.ManifestsDir + "/etcd.yaml", render.ManifestsDir + "/kube-apiserver.yaml"} {
-		if !exists(p) {
-			t.Errorf("%s was not written by the files phase", p)
-		}
-	}
-	if err := phases.Apply(context.Background(), opts(path, digest, root)); err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range later {
-		if !exists(p) {
-			t.Errorf("%s not written by apply phase files", p)
-		}
-	}
-}
-
 func TestDryRunWritesNothingAndShowsNoSecret(t *testing.T) {
 	c := clustertest.New(t, cfg)
 	path, digest, _ := writeBundle(t, c)

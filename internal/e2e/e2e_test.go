@@ -439,7 +439,7 @@ address = "10.77.0.22"
 		fmt.Printf("e2e: %-14s %8s %14s %16s %14s %12s %12s\n", row.name, since(row.tl.start, row.tl.end), since(row.tl.start, row.tl.readyz),
 			since(row.tl.kubelet, row.tl.readyz), since(row.tl.readyz, row.tl.end), since(row.tl.start, row.tl.kubelet), since(row.tl.start, row.tl.healthy))
 	}
-	fmt.Printf("e2e: (all healthy: start to the controller-manager and the scheduler answering too; kubeadm init waits for it, airadm apply returns at /readyz and hands them to the kubelet when the apiserver answers)\n")
+	fmt.Printf("e2e: (all healthy: start to the controller-manager and the scheduler answering their health checks too, which kubeadm init waits for and airadm apply does not)\n")
 	t.Logf("during airadm apply: %s", cpBusy)
 	fmt.Printf("e2e: control plane wall ratio airadm/kubeadm %s (target <= 0.65); airadm after /readyz %s (target <= 0.2s)\n",
 		ratio(cpTL.wall(), kubeadmTL.wall()), since(cpTL.readyz, cpTL.end))
