@@ -1,6 +1,7 @@
 package phases
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -109,10 +110,15 @@ func (h *hostHashes) save(root string) error {
 	if err != nil {
 		return err
 	}
+	b = append(b, '\n')
+	target := hostfs.Path(root, hashesFile)
+	if old, err := os.ReadFile(target); err == nil && bytes.Equal(old, b) {
+		return nil // a re-apply that learnt nothing rewrites nothing
+	}
 	if err := hostfs.MkdirAll(root, render.AiradmStateDir); err != nil {
 		return err
 	}
-	return atomicfile.Write(hostfs.Path(root, hashesFile), append(b, '\n'), 0o600)
+	return atomicfile.Write(target, b, 0o600)
 }
 
 func fingerprint(info fs.FileInfo) (statHash, bool) {

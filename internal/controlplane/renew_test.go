@@ -90,11 +90,11 @@ func servingCert(t *testing.T) *x509.Certificate {
 }
 
 // changedFiles lists the paths whose content, mode or mtime differ between
-// two snapshots of a node's tree (airadm's journal aside).
+// two snapshots of a node's tree (airadm's journal and kept hashes aside).
 func changedFiles(before, after map[string]fileState) []string {
 	var out []string
 	for _, p := range slices.Sorted(maps.Keys(after)) {
-		if strings.HasSuffix(p, "journal.json") {
+		if runState(p) {
 			continue
 		}
 		if st, ok := before[p]; !ok || st != after[p] {
