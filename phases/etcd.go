@@ -143,16 +143,24 @@ func (r *Run) memberDataPresent() bool {
 	return err == nil
 }
 
-func runEtcdJoin(ctx context.Context, r *Run) error {
+// bundleEtcd is the bundle's files and etcd layout for the etcd phases; a
+// nil layout (the bundle has no etcd manifest) is said in the log, with
+// what the phase then has nothing to do.
+func (r *Run) bundleEtcd(nothingTo string) (map[string][]byte, *etcdLayout, error) {
 	files, err := r.readFiles()
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	l, err := etcdLayoutOf(files)
+	if err == nil && l == nil {
+		r.logf("  the bundle has no etcd manifest: nothing to %s", nothingTo)
+	}
+	return files, l, err
+}
+
+func runEtcdJoin(ctx context.Context, r *Run) error {
+	files, l, err := r.bundleEtcd("join")
 	if err != nil || l == nil {
-		if l == nil && err == nil {
-			r.logf("  the bundle has no etcd manifest: nothing to join")
-		}
 		return err
 	}
 	if len(l.members) == 1 {
@@ -372,15 +380,8 @@ func describeStatuses(st []memberStatus) (answering []string, summary string) {
 }
 
 func runWaitEtcd(ctx context.Context, r *Run) error {
-	files, err := r.readFiles()
-	if err != nil {
-		return err
-	}
-	l, err := etcdLayoutOf(files)
+	files, l, err := r.bundleEtcd("wait for")
 	if err != nil || l == nil {
-		if l == nil && err == nil {
-			r.logf("  the bundle has no etcd manifest: nothing to wait for")
-		}
 		return err
 	}
 	quorum := len(l.members)/2 + 1

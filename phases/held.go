@@ -42,10 +42,18 @@ type hostHashes struct {
 	seen map[string]statHash
 }
 
+// fileID is what stat says of a file that any write to it changes.
+type fileID struct {
+	Size    int64 `json:"size"`
+	Ino     int64 `json:"ino"`
+	Dev     int64 `json:"dev"`
+	MtimeNs int64 `json:"mtimeNs"`
+	CtimeNs int64 `json:"ctimeNs"`
+}
+
 type statHash struct {
-	size, ino, dev int64
-	mtime, ctime   syscall.Timespec
-	sha256         string
+	id     fileID
+	sha256 string
 	// settled: the ctime was older than the read by settleTime, so the
 	// hash may outlive the run.
 	settled bool
@@ -60,12 +68,8 @@ func newHostHashes() *hostHashes { return &hostHashes{seen: map[string]statHash{
 
 // savedHash is one line of hashesFile.
 type savedHash struct {
-	Path   string `json:"path"`
-	Size   int64  `json:"size"`
-	Ino    int64  `json:"ino"`
-	Dev    int64  `json:"dev"`
-	Mtime  int64  `json:"mtimeNs"`
-	Ctime  int64  `json:"ctimeNs"`
+	Path string `json:"path"`
+	fileID
 	SHA256 string `json:"sha256"`
 }
 
@@ -82,11 +86,7 @@ func loadHostHashes(root string) *hostHashes {
 		return h
 	}
 	for _, s := range saved {
-		h.seen[hostfs.Path(root, s.Path)] = statHash{
-			size: s.Size, ino: s.Ino, dev: s.Dev,
-			mtime: syscall.NsecToTimespec(s.Mtime), ctime: syscall.NsecToTimespec(s.Ctime),
-			sha256: s.SHA256, settled: true,
-		}
+		h.seen[hostfs.Path(root, s.Path)] = statHash{id: s.fileID, sha256: s.SHA256, settled: true}
 	}
 	return h
 }
@@ -95,14 +95,12 @@ func loadHostHashes(root string) *hostHashes {
 func (h *hostHashes) save(root string) error {
 	h.mu.Lock()
 	saved := make([]savedHash, 0, len(h.seen))
-	for target, fp := range h.seen {
+	for target, sh := range h.seen {
 		rel, err := filepath.Rel(hostfs.Path(root, "/"), target)
-		if err != nil || strings.HasPrefix(rel, "..") || !fp.settled || fp.sha256 == "" {
+		if err != nil || strings.HasPrefix(rel, "..") || !sh.settled || sh.sha256 == "" {
 			continue
 		}
-		rel = "/" + filepath.ToSlash(rel)
-		saved = append(saved, savedHash{Path: rel, Size: fp.size, Ino: fp.ino, Dev: fp.dev,
-			Mtime: fp.mtime.Nano(), Ctime: fp.ctime.Nano(), SHA256: fp.sha256})
+		saved = append(saved, savedHash{Path: "/" + filepath.ToSlash(rel), fileID: sh.id, SHA256: sh.sha256})
 	}
 	h.mu.Unlock()
 	slices.SortFunc(saved, func(a, b savedHash) int { return strings.Compare(a.Path, b.Path) })
@@ -121,12 +119,12 @@ func (h *hostHashes) save(root string) error {
 	return atomicfile.Write(target, b, 0o600)
 }
 
-func fingerprint(info fs.FileInfo) (statHash, bool) {
+func fingerprint(info fs.FileInfo) (fileID, bool) {
 	st, ok := info.Sys().(*syscall.Stat_t)
 	if !ok {
-		return statHash{}, false
+		return fileID{}, false
 	}
-	return statHash{size: info.Size(), ino: int64(st.Ino), dev: int64(st.Dev), mtime: st.Mtim, ctime: st.Ctim}, true
+	return fileID{Size: info.Size(), Ino: int64(st.Ino), Dev: int64(st.Dev), MtimeNs: st.Mtim.Nano(), CtimeNs: st.Ctim.Nano()}, true
 }
 
 // unchanged reports whether target already holds exactly the entry, so a
@@ -141,7 +139,7 @@ func (h *hostHashes) unchanged(target string, fe bundle.FileEntry, mode fs.FileM
 		h.mu.Lock()
 		prev, known := h.seen[target]
 		h.mu.Unlock()
-		if known && prev.sha256 != "" && prev == (statHash{fp.size, fp.ino, fp.dev, fp.mtime, fp.ctime, prev.sha256, prev.settled}) {
+		if known && prev.sha256 != "" && prev.id == fp {
 			return prev.sha256 == fe.SHA256
 		}
 	}
@@ -161,10 +159,9 @@ func (h *hostHashes) unchanged(target string, fe bundle.FileEntry, mode fs.FileM
 		// remembered with the hash of what was read.
 		if after, err := f.Stat(); err == nil {
 			if fp2, ok := fingerprint(after); ok && fp2 == fp {
-				fp.sha256 = got
-				fp.settled = time.Unix(fp.ctime.Unix()).Add(settleTime).Before(readAt)
+				settled := time.Unix(0, fp.CtimeNs).Add(settleTime).Before(readAt)
 				h.mu.Lock()
-				h.seen[target] = fp
+				h.seen[target] = statHash{id: fp, sha256: got, settled: settled}
 				h.mu.Unlock()
 			}
 		}

@@ -191,11 +191,7 @@ func (r *Run) upgradePreflight(ctx context.Context) error {
 		r.printUpgradePlan(ctx)
 	}
 	if r.worker() || u.Leader != r.Manifest.Node {
-		kubeconfig := superAdmin
-		if r.worker() {
-			kubeconfig = render.KubeletKubeconfig
-		}
-		cs, err := r.Client(kubeconfig)
+		cs, err := r.upgradeClient()
 		if err != nil {
 			return err
 		}
@@ -500,6 +496,16 @@ func ownerOnly(dir string) error {
 	})
 }
 
+// upgradeClient is the API client an upgrade uses on this node: the
+// super-admin on a control plane, the kubelet's own credential on a
+// worker, which holds no other.
+func (r *Run) upgradeClient() (kubernetes.Interface, error) {
+	if r.worker() {
+		return r.Client(render.KubeletKubeconfig)
+	}
+	return r.Client(superAdmin)
+}
+
 // upgradeKubelet writes the kubelet's held-back files (binary, config,
 // flags, unit), restarts it, and waits for the Node to report the new
 // version. With Drain, the node is cordoned and its pods evicted first,
@@ -513,11 +519,7 @@ func (r *Run) upgradeKubelet(ctx context.Context) error {
 		}
 		return nil
 	}
-	kubeconfig := superAdmin
-	if r.worker() {
-		kubeconfig = render.KubeletKubeconfig
-	}
-	cs, err := r.Client(kubeconfig)
+	cs, err := r.upgradeClient()
 	if err != nil {
 		return err
 	}

@@ -143,15 +143,24 @@ func Load(path string) (*Cluster, error) {
 	}
 	lines := keyLines(string(data))
 	var problems []Problem
-	for i, m := range c.addonPaths {
-		field := fmt.Sprintf("addons.manifests[%d]", i)
-		p := m
+	// read reads a file the config names, relative to the config's own
+	// directory, or records why it cannot.
+	read := func(field, name string) ([]byte, bool) {
+		p := name
 		if !filepath.IsAbs(p) {
 			p = filepath.Join(filepath.Dir(path), p)
 		}
 		b, err := os.ReadFile(p)
 		if err != nil {
 			problems = append(problems, Problem{Line: lineOf(lines, field), Field: field, Msg: err.Error()})
+			return nil, false
+		}
+		return b, true
+	}
+	for i, m := range c.addonPaths {
+		field := fmt.Sprintf("addons.manifests[%d]", i)
+		b, ok := read(field, m)
+		if !ok {
 			continue
 		}
 		if err := checkManifests(b); err != nil {
@@ -163,13 +172,8 @@ func Load(path string) (*Cluster, error) {
 	seen := map[string]bool{"etcd": true, "kube-apiserver": true, "kube-controller-manager": true, "kube-scheduler": true}
 	for i, m := range c.staticPodPaths {
 		field := fmt.Sprintf("addons.static_pods[%d]", i)
-		p := m
-		if !filepath.IsAbs(p) {
-			p = filepath.Join(filepath.Dir(path), p)
-		}
-		b, err := os.ReadFile(p)
-		if err != nil {
-			problems = append(problems, Problem{Line: lineOf(lines, field), Field: field, Msg: err.Error()})
+		b, ok := read(field, m)
+		if !ok {
 			continue
 		}
 		name, err := checkStaticPod(b)
