@@ -1,12 +1,14 @@
 package media
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"airadm.dev/airadm/bundle"
+	"airadm.dev/airadm/trust"
 )
 
 // TestMediaCarryThePackOnce: from a --pack build, every medium carries
@@ -47,6 +49,34 @@ func TestMediaCarryThePackOnce(t *testing.T) {
 			}
 		})
 	}
+
+	// media iso verifies the pack by its pack digest and leaves its line in
+	// SHA256SUMS to the copy (VerifyEntries): a line for other bytes is
+	// refused there, with nothing written.
+	t.Run("iso, SHA256SUMS vouches for another pack", func(t *testing.T) {
+		d := t.TempDir()
+		copyDir(t, out, d)
+		sums, _ := trust.ReadSums(filepath.Join(d, trust.SumsFile))
+		sums[bundle.PackFile] = trust.Sum{File: strings.Repeat("ab", 32)}
+		sums.Write(filepath.Join(d, trust.SumsFile))
+		src, err := Scan(d, c, nil, SizeLimit{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr, err := ClusterTree(src, runner(t), Mount{Label: "AIRADM"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		dir := t.TempDir()
+		err = WriteISO(filepath.Join(dir, "img"), tr, ISOOptions{Label: "AIRADM", Verify: src.VerifyEntries})
+		want := "verifying " + filepath.Join(d, bundle.PackFile) + ": file sha256 "
+		if err == nil || !strings.HasPrefix(err.Error(), want) || !isInput(err) || !errors.Is(err, trust.ErrUntrusted) {
+			t.Fatalf("WriteISO = %v, want an untrusted InputError beginning %q", err, want)
+		}
+		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+			t.Errorf("a refused write left %v", entries)
+		}
+	})
 
 	b, err := os.ReadFile(filepath.Join(out, bundle.PackFile))
 	if err != nil {
