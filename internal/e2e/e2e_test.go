@@ -85,6 +85,27 @@ func binaryImage(t *testing.T, bin, path string, entrypoint []string) v1.Image {
 
 // pushImages builds kubeadm's seven images from the binaries of the
 // cluster's version and pushes them to a loopback registry under host/k8s.
+// loadAndPush loads the cluster config at cfg and pushes the images it
+// needs to the test registry at repo.
+func loadAndPush(t *testing.T, cfg, repo string) *render.Cluster {
+	t.Helper()
+	c, err := render.Load(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pushImages(t, repo, c)
+	return c
+}
+
+// airadmBuild runs airadm build with args, failing the test with its
+// output.
+func airadmBuild(t *testing.T, airadm string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(airadm, append([]string{"build"}, args...)...).CombinedOutput(); err != nil {
+		t.Fatalf("airadm build %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
 func pushImages(t *testing.T, repo string, c *render.Cluster) {
 	t.Helper()
 	pause := filepath.Join(t.TempDir(), "pause")
@@ -204,23 +225,13 @@ name = "w2"
 role = "worker"
 address = "10.77.0.22"
 `, repo)+runtimeHostFiles(t)), 0o644)
-	c, err := render.Load(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pushImages(t, repo, c)
+	c := loadAndPush(t, cfg, repo)
 
 	airadm := buildAiradm(t)
-	out, err := exec.Command(airadm, "build", "-c", cfg, "-o", filepath.Join(work, "out")).CombinedOutput()
-	if err != nil {
-		t.Fatalf("airadm build: %v\n%s", err, out)
-	}
+	airadmBuild(t, airadm, "-c", cfg, "-o", filepath.Join(work, "out"))
 	// w1 runs from a thin bundle and the image pack beside it (a fleet's
 	// build); its token is the one cp1's bundle publishes, from secrets/.
-	out, err = exec.Command(airadm, "build", "-c", cfg, "-o", filepath.Join(work, "out-pack"), "--pack", "w1").CombinedOutput()
-	if err != nil {
-		t.Fatalf("airadm build --pack w1: %v\n%s", err, out)
-	}
+	airadmBuild(t, airadm, "-c", cfg, "-o", filepath.Join(work, "out-pack"), "--pack", "w1")
 	if f, err := os.Open(filepath.Join(work, "out-pack", "w1.bundle")); err != nil {
 		t.Fatal(err)
 	} else if m, err := bundle.ReadManifest(f); err != nil || m.Pack == "" {
@@ -692,9 +703,7 @@ func encryptedSignedCP(t *testing.T, airadm, cfg, out string) []string {
 	enc := strings.Replace(string(b), "name = \"cp1\"\n", fmt.Sprintf("name = \"cp1\"\nrecipient = %q\n", id.Recipient().String()), 1)
 	encCfg := filepath.Join(dir, "cluster-enc.toml")
 	os.WriteFile(encCfg, []byte(enc), 0o644)
-	if o, err := exec.Command(airadm, "build", "-c", encCfg, "-o", out, "--sign-key", signKey, "cp1").CombinedOutput(); err != nil {
-		t.Fatalf("airadm build --sign-key of cp1 with a recipient: %v\n%s", err, o)
-	}
+	airadmBuild(t, airadm, "-c", encCfg, "-o", out, "--sign-key", signKey, "cp1")
 	f, err := os.Open(filepath.Join(out, "cp1.bundle"))
 	if err != nil {
 		t.Fatal(err)

@@ -118,15 +118,9 @@ restrict_oom_score_adj = true
 [containerd.config.plugins.'io.containerd.nri.v1.nri']
 disable = true
 %s`, lbAddr, repo, nodesTOML.String())+runtimeHostFiles(t)), 0o644)
-	c, err := render.Load(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pushImages(t, repo, c)
+	c := loadAndPush(t, cfg, repo)
 	airadm := buildAiradm(t)
-	if out, err := exec.Command(airadm, "build", "-c", cfg, "-o", filepath.Join(work, "out")).CombinedOutput(); err != nil {
-		t.Fatalf("airadm build: %v\n%s", err, out)
-	}
+	airadmBuild(t, airadm, "-c", cfg, "-o", filepath.Join(work, "out"))
 
 	network(t)
 	mountPoints(t)

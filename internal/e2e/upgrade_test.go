@@ -94,15 +94,8 @@ role = "worker"
 address = "10.77.0.21"
 kubelet_config = { cgroupRoot = "/airadm-e2e-w1" }
 `, v, repo)+runtimeHostFilesFor(t, v)), 0o644)
-		c, err := render.Load(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		clusters[v] = c
-		pushImages(t, repo, c)
-		if out, err := exec.Command(airadm, "build", "-c", cfg, "-o", filepath.Join(work, v)).CombinedOutput(); err != nil {
-			t.Fatalf("airadm build %s: %v\n%s", v, err, out)
-		}
+		clusters[v] = loadAndPush(t, cfg, repo)
+		airadmBuild(t, airadm, "-c", cfg, "-o", filepath.Join(work, v))
 	}
 	bundle := func(v, node string) string { return filepath.Join(work, v, node+".bundle") }
 

@@ -20,7 +20,6 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"airadm.dev/airadm/bundle"
-	"airadm.dev/airadm/render"
 )
 
 // TestVMFull is TestVMWorker with the control plane in a VM as well: two
@@ -60,16 +59,10 @@ name = "w1"
 role = "worker"
 address = "10.77.0.21"
 `, repo)+runtimeHostFiles(t)+cni), 0o644)
-	c, err := render.Load(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pushImages(t, repo, c)
+	c := loadAndPush(t, cfg, repo)
 	airadm := buildAiradm(t)
 	out := filepath.Join(work, "out")
-	if b, err := exec.Command(airadm, "build", "-c", cfg, "-o", out).CombinedOutput(); err != nil {
-		t.Fatalf("airadm build: %v\n%s", err, b)
-	}
+	airadmBuild(t, airadm, "-c", cfg, "-o", out)
 	seeds := map[string]string{}
 	for _, n := range []string{"cp1", "w1"} {
 		seeds[n] = filepath.Join(work, n+"-seed.iso")

@@ -23,7 +23,6 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"airadm.dev/airadm/internal/vmimage"
-	"airadm.dev/airadm/render"
 )
 
 // A guest: a Debian VM under QEMU (TCG: KVM guests hang on these
@@ -295,16 +294,10 @@ name = "vm1"
 role = "worker"
 address = %q
 `, repo, vmAddr)+runtimeHostFiles(t)+conflist), 0o644)
-	c, err := render.Load(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pushImages(t, repo, c)
+	c := loadAndPush(t, cfg, repo)
 	airadm := buildAiradm(t)
 	out := filepath.Join(work, "out")
-	if b, err := exec.Command(airadm, "build", "-c", cfg, "-o", out).CombinedOutput(); err != nil {
-		t.Fatalf("airadm build: %v\n%s", err, b)
-	}
+	airadmBuild(t, airadm, "-c", cfg, "-o", out)
 	// The seed, as an operator writes it: the CLI, whose runner is this
 	// airadm.
 	seed := filepath.Join(work, "vm1-seed.iso")
