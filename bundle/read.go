@@ -39,8 +39,13 @@ var ErrTruncated = errors.New("bundle is truncated")
 // reader has returned io.EOF, and the bundle as a whole until Read returns
 // nil. A nil callback skips those entries (they are still verified).
 type Visitor struct {
-	File func(f FileEntry, r io.Reader) error
-	Blob func(b BlobEntry, r io.Reader) error
+	// Manifest, if set, sees the decoded manifest and its digest before
+	// any other entry is read; an error ends the read there. A caller that
+	// trusts a digest checks it here, so that each entry after it is
+	// authentic as soon as its reader has returned io.EOF.
+	Manifest func(m *Manifest, digest string) error
+	File     func(f FileEntry, r io.Reader) error
+	Blob     func(b BlobEntry, r io.Reader) error
 	// BlobDigestsCheckedByConsumer skips hashing blobs in this reader
 	// because the Blob callback hands them to a store that refuses content
 	// whose digest differs (containerd's content commit does). Sizes,
@@ -109,6 +114,11 @@ func Read(r io.Reader, v Visitor) (*Manifest, string, error) {
 	}
 	sum := sha256.Sum256(mb)
 	digest := "sha256:" + hex.EncodeToString(sum[:])
+	if v.Manifest != nil {
+		if err := v.Manifest(m, digest); err != nil {
+			return nil, "", err
+		}
+	}
 
 	index, err := m.IndexJSON()
 	if err != nil {

@@ -78,10 +78,32 @@ func BootstrapKubelet(ctx context.Context, root, node string, timeout time.Durat
 	if err != nil {
 		return false, fmt.Errorf("loading %s: %w", render.BootstrapKubeconfig, err)
 	}
+	c := requestClientCert(ctx, bootCfg, node, timeout)
+	if c.err != nil {
+		return false, c.err
+	}
+	return true, c.write(root)
+}
+
+// clientCert is the kubelet's client certificate pair as the cluster
+// issued it, with the bootstrap kubeconfig it was requested through (its
+// cluster goes into kubelet.conf), or why there is none.
+type clientCert struct {
+	boot            *rest.Config
+	certPEM, keyPEM []byte
+	err             error
+}
+
+// requestClientCert asks the cluster for the kubelet's client certificate
+// with the bootstrap token, as the kubelet's own bootstrap does, and
+// waits (up to timeout) until it is issued. It writes nothing.
+func requestClientCert(ctx context.Context, bootCfg *rest.Config, node string, timeout time.Duration) clientCert {
+	fail := func(err error) clientCert { return clientCert{err: err} }
+	bootCfg = rest.CopyConfig(bootCfg)
 	bootCfg.Timeout = 10 * time.Second
 	client, err := kubernetes.NewForConfig(bootCfg)
 	if err != nil {
-		return false, fmt.Errorf("loading %s: %w", render.BootstrapKubeconfig, err)
+		return fail(fmt.Errorf("loading %s: %w", render.BootstrapKubeconfig, err))
 	}
 
 	// One round trip tells a rejected token (fail now, saying how to renew
@@ -91,30 +113,30 @@ func BootstrapKubelet(ctx context.Context, root, node string, timeout time.Durat
 		var status apierrors.APIStatus
 		switch {
 		case apierrors.IsUnauthorized(err):
-			return false, errTokenRejected
+			return fail(errTokenRejected)
 		case !errors.As(err, &status):
-			return false, fmt.Errorf("%w: %w", ErrControlPlaneUnreachable, err)
+			return fail(fmt.Errorf("%w: %w", ErrControlPlaneUnreachable, err))
 		}
 	}
 
 	keyPEM, err := keyutil.MakeEllipticPrivateKeyPEM()
 	if err != nil {
-		return false, fmt.Errorf("making the kubelet's client key: %w", err)
+		return fail(fmt.Errorf("making the kubelet's client key: %w", err))
 	}
 	key, err := keyutil.ParsePrivateKeyPEM(keyPEM)
 	if err != nil {
-		return false, fmt.Errorf("making the kubelet's client key: %w", err)
+		return fail(fmt.Errorf("making the kubelet's client key: %w", err))
 	}
 	subject := &pkix.Name{CommonName: "system:node:" + node, Organization: []string{nodesGroup}}
 	csrPEM, err := certutil.MakeCSR(key, subject, nil, nil)
 	if err != nil {
-		return false, fmt.Errorf("making the kubelet's certificate request: %w", err)
+		return fail(fmt.Errorf("making the kubelet's certificate request: %w", err))
 	}
 	// The usages kubelet asks for with an ECDSA key.
 	usages := []certificatesv1.KeyUsage{certificatesv1.UsageDigitalSignature, certificatesv1.UsageClientAuth}
 	name, err := csrName(key.(crypto.Signer).Public(), subject, usages)
 	if err != nil {
-		return false, err
+		return fail(err)
 	}
 
 	ctx, cancel := context.WithTimeout(ctx, timeout)
@@ -129,19 +151,25 @@ func BootstrapKubelet(ctx context.Context, root, node string, timeout time.Durat
 		return err
 	})
 	if err != nil {
-		return false, err
+		return fail(err)
 	}
 	// csr.WaitForCertificate watches the request until it is issued.
 	certPEM, err := csr.WaitForCertificate(ctx, client, reqName, types.UID(reqUID))
 	if err != nil {
-		return false, fmt.Errorf("waiting for the kubelet's client certificate (CSR %s): %w", reqName, err)
+		return fail(fmt.Errorf("waiting for the kubelet's client certificate (CSR %s): %w", reqName, err))
 	}
+	return clientCert{boot: bootCfg, certPEM: certPEM, keyPEM: keyPEM}
+}
+
+// write stores the pair where the kubelet keeps it and points kubelet.conf
+// at it.
+func (c clientCert) write(root string) error {
 	store, err := certificate.NewFileStore("kubelet-client", hostfs.Path(root, KubeletPKIDir), hostfs.Path(root, KubeletPKIDir), "", "")
 	if err != nil {
-		return false, fmt.Errorf("storing the kubelet's client certificate: %w", err)
+		return fmt.Errorf("storing the kubelet's client certificate: %w", err)
 	}
-	if _, err := store.Update(certPEM, keyPEM); err != nil {
-		return false, fmt.Errorf("storing the kubelet's client certificate: %w", err)
+	if _, err := store.Update(c.certPEM, c.keyPEM); err != nil {
+		return fmt.Errorf("storing the kubelet's client certificate: %w", err)
 	}
 	// kubelet.conf as kubelet writes it after its bootstrap: the bootstrap
 	// kubeconfig's cluster, and the current pair for both certificate and
@@ -149,8 +177,8 @@ func BootstrapKubelet(ctx context.Context, root, node string, timeout time.Durat
 	current := path.Join(KubeletPKIDir, "kubelet-client-current.pem")
 	kc := clientcmdapi.Config{
 		Clusters: map[string]*clientcmdapi.Cluster{"default-cluster": {
-			Server: bootCfg.Host, InsecureSkipTLSVerify: bootCfg.Insecure,
-			CertificateAuthority: bootCfg.CAFile, CertificateAuthorityData: caDataUnlessFile(bootCfg),
+			Server: c.boot.Host, InsecureSkipTLSVerify: c.boot.Insecure,
+			CertificateAuthority: c.boot.CAFile, CertificateAuthorityData: caDataUnlessFile(c.boot),
 		}},
 		AuthInfos: map[string]*clientcmdapi.AuthInfo{"default-auth": {ClientCertificate: current, ClientKey: current}},
 		Contexts: map[string]*clientcmdapi.Context{"default-context": {
@@ -160,12 +188,12 @@ func BootstrapKubelet(ctx context.Context, root, node string, timeout time.Durat
 	}
 	b, err := clientcmd.Write(kc)
 	if err != nil {
-		return false, fmt.Errorf("writing %s: %w", render.KubeletKubeconfig, err)
+		return fmt.Errorf("writing %s: %w", render.KubeletKubeconfig, err)
 	}
-	if err := atomicfile.Write(kubeconfig, b, 0o600); err != nil {
-		return false, fmt.Errorf("writing %s: %w", render.KubeletKubeconfig, err)
+	if err := atomicfile.Write(hostfs.Path(root, render.KubeletKubeconfig), b, 0o600); err != nil {
+		return fmt.Errorf("writing %s: %w", render.KubeletKubeconfig, err)
 	}
-	return true, nil
+	return nil
 }
 
 func caDataUnlessFile(c *rest.Config) []byte {
@@ -283,4 +311,53 @@ func waitNodeRegistered(ctx context.Context, cs kubernetes.Interface, name strin
 		return ev.Type == watch.Added || ev.Type == watch.Modified, nil
 	})
 	return err
+}
+
+// earlyCert is a worker's kubelet client certificate requested while the
+// rest of its bundle is still being verified: the CSR round trip (the
+// controller-manager approves and signs it) then overlaps the reading of
+// the bundle instead of delaying the kubelet's start. It is started only
+// from bytes already authentic (the manifest digest vouched for, the
+// entry verified against it), writes nothing, and its result is used by
+// the kubelet phase, or dropped with the run.
+type earlyCert struct {
+	started time.Time
+	done    chan struct{}
+	cancel  context.CancelFunc
+	cert    clientCert
+}
+
+// startEarlyCert starts the request with the bootstrap kubeconfig's bytes;
+// nil if they do not load (the kubelet phase then loads the file and says
+// what is wrong with it).
+func startEarlyCert(ctx context.Context, bootKubeconfig []byte, node string, timeout time.Duration) *earlyCert {
+	cfg, err := clientcmd.RESTConfigFromKubeConfig(bootKubeconfig)
+	if err != nil {
+		return nil
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	e := &earlyCert{started: time.Now(), done: make(chan struct{}), cancel: cancel}
+	go func() {
+		defer close(e.done)
+		e.cert = requestClientCert(ctx, cfg, node, timeout)
+	}()
+	return e
+}
+
+// result waits for the request's outcome.
+func (e *earlyCert) result(ctx context.Context) clientCert {
+	select {
+	case <-e.done:
+		return e.cert
+	case <-ctx.Done():
+		return clientCert{err: fmt.Errorf("waiting for the kubelet's client certificate: %w", context.Cause(ctx))}
+	}
+}
+
+// stop ends a request the run no longer needs; nil-safe.
+func (e *earlyCert) stop() {
+	if e != nil {
+		e.cancel()
+		<-e.done
+	}
 }

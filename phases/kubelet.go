@@ -180,7 +180,13 @@ func (r *Run) bootstrapKubelet(ctx context.Context) error {
 		return nil
 	}
 	start := time.Now()
-	issued, err := BootstrapKubelet(ctx, r.Root, r.Manifest.Node, r.Timeout)
+	var issued bool
+	var err error
+	if r.early != nil {
+		issued, err = r.useEarlyCert(ctx)
+	} else {
+		issued, err = BootstrapKubelet(ctx, r.Root, r.Manifest.Node, r.Timeout)
+	}
 	if errors.Is(err, ErrControlPlaneUnreachable) {
 		r.logf("  %v; the kubelet will do its TLS bootstrap itself once it is", err)
 		return nil
@@ -188,10 +194,28 @@ func (r *Run) bootstrapKubelet(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if issued {
+	switch {
+	case issued && r.early != nil:
+		r.logf("  client certificate for system:node:%s issued through the CSR API, requested while the bundle was verified (%v before this phase), waited %v here; wrote %s",
+			r.Manifest.Node, start.Sub(r.early.started).Round(time.Millisecond), time.Since(start).Round(time.Millisecond), render.KubeletKubeconfig)
+	case issued:
 		r.logf("  client certificate for system:node:%s issued through the CSR API in %v; wrote %s", r.Manifest.Node, time.Since(start).Round(time.Millisecond), render.KubeletKubeconfig)
 	}
 	return nil
+}
+
+// useEarlyCert writes the certificate requested during verification, as
+// BootstrapKubelet would have, unless the host got a valid kubelet.conf
+// meanwhile.
+func (r *Run) useEarlyCert(ctx context.Context) (bool, error) {
+	c := r.early.result(ctx)
+	if c.err != nil {
+		return false, c.err
+	}
+	if kubeconfigValid(r.Root, r.path(render.KubeletKubeconfig)) {
+		return false, nil
+	}
+	return true, c.write(r.Root)
 }
 
 // kubeletConfig decodes the kubelet config the bundle carries (or a host

@@ -138,6 +138,9 @@ type Run struct {
 	// upgrade is set when the node runs an older Kubernetes than the
 	// bundle's (upgrade.go).
 	upgrade *Upgrade
+	// early is a worker's client certificate requested while the bundle
+	// was verified (bootstrap.go), for the kubelet phase.
+	early *earlyCert
 }
 
 // planned reports whether this run includes phase name.
@@ -220,7 +223,10 @@ func Apply(ctx context.Context, o Options) error {
 	if identity == "" {
 		identity = hostfs.Path(o.Root, trust.DefaultIdentity)
 	}
-	m, digest, files, err := verifyBundle(ctx, o.Bundle, vouch, staged, o.CRISocket, identity)
+	var early *earlyCert
+	defer func() { early.stop() }()
+	hooks := o.earlyCertHooks(ctx, func(e *earlyCert) { early = e })
+	m, digest, files, err := verifyBundle(ctx, o.Bundle, vouch, staged, o.CRISocket, identity, hooks)
 	if err != nil {
 		return err
 	}
@@ -252,7 +258,7 @@ func Apply(ctx context.Context, o Options) error {
 		}
 		logf(o.Out, "pack %s: this node's %d blobs intact, bound to the bundle by its digest", o.PackPath(), len(m.Blobs))
 	}
-	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan, files: files, staged: staged, upgrade: up}
+	r := &Run{Options: o, Manifest: m, Digest: digest, plan: plan, files: files, staged: staged, upgrade: up, early: early}
 	if !o.DryRun {
 		unlock, err := lockHost(o.Root)
 		if err != nil {
@@ -344,7 +350,7 @@ func (r *Run) path(hostPath string) string { return hostfs.Path(r.Root, hostPath
 // manifest then describes them as the host sees them: plaintext size and
 // sha256, no encryption, so that the files phase compares and writes
 // plaintext.
-func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *staging, criSocket, identityPath string) (*bundle.Manifest, string, map[string][]byte, error) {
+func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *staging, criSocket, identityPath string, hooks verifyHooks) (*bundle.Manifest, string, map[string][]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, "", nil, fmt.Errorf("opening bundle: %w", err)
@@ -355,7 +361,7 @@ func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *stagi
 	defer blobs.close()
 	plain := map[string]bundle.FileEntry{}
 	var id *trust.Identity
-	m, digest, err := trust.Verify(f, v, bundle.Visitor{
+	visitor := bundle.Visitor{
 		File: func(fe bundle.FileEntry, rd io.Reader) error {
 			if fe.Encrypted() {
 				if id == nil {
@@ -378,6 +384,9 @@ func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *stagi
 			}
 			b, err := io.ReadAll(rd)
 			files[fe.Path] = b
+			if err == nil && hooks.file != nil && v.ManifestDigest != "" {
+				hooks.file(fe.Path, b)
+			}
 			return err
 		},
 		Held: func(e bundle.HeldEntry) bool {
@@ -387,7 +396,15 @@ func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *stagi
 			mode, err := e.File.FileMode()
 			return err == nil && !e.File.Encrypted() && staged.takes(*e.File) && staged.hashes.unchanged(hostfs.Path(staged.root, e.File.Path), *e.File, mode)
 		},
-	})
+	}
+	if hooks.manifest != nil && v.ManifestDigest != "" {
+		// trust.Verify has checked the digest when this runs.
+		visitor.Manifest = func(m *bundle.Manifest, _ string) error {
+			hooks.manifest(m)
+			return nil
+		}
+	}
+	m, digest, err := trust.Verify(f, v, visitor)
 	if err != nil {
 		staged.abandon()
 		return nil, "", nil, fmt.Errorf("verifying %s: %w", path, err)
@@ -404,6 +421,42 @@ func verifyBundle(ctx context.Context, path string, v trust.Vouch, staged *stagi
 		m.Files[i] = p
 	}
 	return m, digest, files, nil
+}
+
+// verifyHooks see parts of a bundle authentic before the whole is read:
+// only when the manifest digest is vouched for, so the manifest is
+// authenticated first and each entry as soon as it verifies. Nothing they
+// start may write to the host.
+type verifyHooks struct {
+	manifest func(m *bundle.Manifest)
+	// file sees a small plaintext host file once its bytes verified.
+	file func(path string, b []byte)
+}
+
+// earlyCertHooks starts a worker's client certificate request as soon as
+// its bootstrap kubeconfig is verified, when this run will start the
+// kubelet and the host has no valid kubelet.conf yet (a joined node has
+// one, and asks nothing of the cluster). The request overlaps the rest of
+// the verification; started gets it.
+func (o Options) earlyCertHooks(ctx context.Context, started func(*earlyCert)) verifyHooks {
+	if o.DryRun || slices.Contains(o.SkipPhases, "kubelet") || (o.Only != "" && o.Only != "kubelet") {
+		return verifyHooks{}
+	}
+	var node string
+	return verifyHooks{
+		manifest: func(m *bundle.Manifest) {
+			if render.Role(m.Role) == render.Worker && !kubeconfigValid(o.Root, hostfs.Path(o.Root, render.KubeletKubeconfig)) {
+				node = m.Node
+			}
+		},
+		file: func(path string, b []byte) {
+			if node != "" && path == render.BootstrapKubeconfig {
+				if e := startEarlyCert(ctx, b, node, o.Timeout); e != nil {
+					started(e)
+				}
+			}
+		},
+	}
 }
 
 // decryptEntry decrypts one age file. The plaintext is never longer than

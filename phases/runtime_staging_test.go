@@ -61,7 +61,7 @@ func TestHostBinariesAreStagedNotKept(t *testing.T) {
 	path, bin := hostBinaryBundle(t)
 	root := t.TempDir()
 	st := newStaging(root, false)
-	_, _, files, err := verifyBundle(context.Background(), path, trust.Vouch{}, st, "", "")
+	_, _, files, err := verifyBundle(context.Background(), path, trust.Vouch{}, st, "", "", verifyHooks{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +146,7 @@ func TestInPlaceHostBinaryIsNotStaged(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := newStaging(root, false)
-	m, digest, files, err := verifyBundle(context.Background(), path, trust.Vouch{}, st, "", "")
+	m, digest, files, err := verifyBundle(context.Background(), path, trust.Vouch{}, st, "", "", verifyHooks{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -194,7 +194,7 @@ func TestHostHashesOutliveTheRun(t *testing.T) {
 	if saved["/usr/local/bin/tool"] == "" {
 		t.Fatalf("the settled hash of /usr/local/bin/tool was not kept: %v", saved)
 	}
-	m, _, _, err := verifyBundle(context.Background(), path, trust.Vouch{}, newStaging(root, true), "", "")
+	m, _, _, err := verifyBundle(context.Background(), path, trust.Vouch{}, newStaging(root, true), "", "", verifyHooks{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -126,5 +127,19 @@ func TestVerify(t *testing.T) {
 				t.Fatalf("Verify = %v, %q, %v; want error %v", m, got, err, c.err)
 			}
 		})
+	}
+}
+
+// TestVerifyRefusesAnotherManifestFirst: a bundle that is not the one
+// vouched for is refused once its manifest is read, before its entries
+// reach the visitor (apply acts on entries as they verify).
+func TestVerifyRefusesAnotherManifestFirst(t *testing.T) {
+	b, _ := testBundle(t)
+	visited := 0
+	_, _, err := Verify(bytes.NewReader(b), Vouch{ManifestDigest: "sha256:" + strings.Repeat("0", 64), From: "SUMS"}, bundle.Visitor{
+		File: func(bundle.FileEntry, io.Reader) error { visited++; return nil },
+	})
+	if !errors.Is(err, ErrUntrusted) || visited != 0 {
+		t.Fatalf("err %v after %d entries visited; want ErrUntrusted before any", err, visited)
 	}
 }

@@ -162,19 +162,31 @@ func (v Vouch) ManifestBound() Vouch {
 // byte in the same pass, and checks the result against v: the manifest
 // digest and, where v has it, the whole file's sha256. Errors from the
 // reader keep their types (*bundle.EntryError for a damaged bundle); a
-// bundle that is intact but not the vouched-for one wraps ErrUntrusted.
+// bundle that is not the vouched-for one wraps ErrUntrusted: as soon as
+// its manifest is read when the manifest digest differs, at the end when
+// only the file's sha256 does.
 func Verify(r io.Reader, v Vouch, visit bundle.Visitor) (*bundle.Manifest, string, error) {
 	whole := sha256.New()
 	in := r
 	if v.FileSHA256 != "" {
 		in = io.TeeReader(r, whole)
 	}
+	// The manifest digest is checked as soon as the manifest is read: a
+	// bundle that is not the one vouched for is refused before its data is
+	// read, and the visitor's entries are authentic as they verify.
+	next := visit.Manifest
+	visit.Manifest = func(m *bundle.Manifest, digest string) error {
+		if v.ManifestDigest != "" && v.ManifestDigest != digest {
+			return fmt.Errorf("manifest digest %s is not %s from %s: %w", digest, v.ManifestDigest, v.From, ErrUntrusted)
+		}
+		if next != nil {
+			return next(m, digest)
+		}
+		return nil
+	}
 	m, digest, err := bundle.Read(in, visit)
 	if err != nil {
 		return nil, "", err
-	}
-	if v.ManifestDigest != "" && v.ManifestDigest != digest {
-		return nil, "", fmt.Errorf("manifest digest %s is not %s from %s: %w", digest, v.ManifestDigest, v.From, ErrUntrusted)
 	}
 	if v.FileSHA256 != "" {
 		// The reader stops at the end of the archive; anything after it

@@ -94,6 +94,10 @@ address = "127.0.1.22"
 name = "w3"
 role = "worker"
 address = "127.0.1.23"
+[[nodes]]
+name = "w4"
+role = "worker"
+address = "127.0.1.24"
 `)
 	ctx := context.Background()
 	p := controlplane.New(t, c)
@@ -357,6 +361,59 @@ address = "127.0.1.11"
 		}
 		if _, err := rootedKubeletClientset(t, root, rotated).CoreV1().Nodes().Get(ctx, "w3", metav1.GetOptions{}); err != nil {
 			t.Errorf("the rotated certificate does not work: %v", err)
+		}
+	})
+
+	t.Run("the kubelet phase's certificate is requested while the bundle is verified", func(t *testing.T) {
+		wBundle, wDigest := writeBundle(t, c, "w4")
+		wo := applyOpts(p, "w4", wBundle, wDigest, &log)
+		wo.SkipPhases = []string{"images", "kubelet", "tls-bootstrap"}
+		if err := phases.Apply(ctx, wo); err != nil {
+			t.Fatalf("%v\n%s", err, log.String())
+		}
+		csrs := func() int {
+			l, err := super.CertificatesV1().CertificateSigningRequests().List(ctx, metav1.ListOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return len(l.Items)
+		}
+		before := csrs()
+		// No kubelet can run here: the phase fails at its start, after it
+		// wrote the credential.
+		log.Reset()
+		wo.Only, wo.SkipPhases = "kubelet", nil
+		wo.Kubelet, wo.KubeletBinary = phases.KubeletExec, "/nonexistent/kubelet"
+		err := phases.Apply(ctx, wo)
+		if err == nil || !strings.Contains(err.Error(), "/nonexistent/kubelet") {
+			t.Fatalf("err = %v\n%s", err, log.String())
+		}
+		if !strings.Contains(log.String(), "requested while the bundle was verified") {
+			t.Errorf("the certificate was not requested during verification:\n%s", log.String())
+		}
+		if n := csrs(); n != before+1 {
+			t.Errorf("%d CSRs made, want 1", n-before)
+		}
+		root := p.NodeRoot("w4")
+		pki := hostfs.Path(root, phases.KubeletPKIDir)
+		store, err := certificate.NewFileStore("kubelet-client", pki, pki, "", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		pair, err := store.Current()
+		if err != nil || pair.Leaf.Subject.CommonName != "system:node:w4" {
+			t.Fatalf("the kubelet's pair: %v", err)
+		}
+		if _, err := rootedKubeletClientset(t, root, pair).CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "w4"}}, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("w4 cannot register itself with the certificate: %v", err)
+		}
+		// With a valid kubelet.conf, a run asks the cluster for nothing.
+		log.Reset()
+		if err := phases.Apply(ctx, wo); err == nil {
+			t.Fatal("the kubelet phase started /nonexistent/kubelet")
+		}
+		if n := csrs(); n != before+1 || strings.Contains(log.String(), "client certificate") {
+			t.Errorf("a second run made %d more CSRs:\n%s", n-before-1, log.String())
 		}
 	})
 

@@ -366,6 +366,7 @@ address = "10.77.0.22"
 		})
 	}
 	wReady := watchNodeReady(ctx, cs, w.name)
+	wBusy := settle(20 * time.Second)
 	wTL := apply(w, "--skip-phases", "images")
 	var wReadyAt time.Time
 	select {
@@ -399,7 +400,7 @@ address = "10.77.0.22"
 	if err != nil {
 		t.Fatal(err)
 	}
-	kubeadmJoinReady := kubeadmJoin(t, ctx, cs, kubeadm, kubelet, airadm, lookup, filepath.Join(work, "out", "w2.bundle"), strings.TrimSpace(string(tokenBytes)), ca, c.PauseImage())
+	kubeadmJoinReady, kBusy := kubeadmJoin(t, ctx, cs, kubeadm, kubelet, airadm, lookup, filepath.Join(work, "out", "w2.bundle"), strings.TrimSpace(string(tokenBytes)), ca, c.PauseImage())
 
 	waitFor(t, ctx, 3*time.Minute, "all three nodes Ready", func() (bool, error) {
 		n, err := ready()
@@ -455,9 +456,9 @@ address = "10.77.0.22"
 	fmt.Printf("e2e: control plane wall ratio airadm/kubeadm %s (target <= 0.65); airadm after /readyz %s (target <= 0.2s)\n",
 		ratio(cpTL.wall(), kubeadmTL.wall()), since(cpTL.readyz, cpTL.end))
 	fmt.Printf("e2e: airadm control-plane phases: %s\n", cpTL.phaseDurations())
-	fmt.Printf("e2e: worker start->Node Ready: kubeadm join %s, airadm apply %s (apply returned after %s), ratio %s (target <= 0.6)\n",
+	fmt.Printf("e2e: worker start->Node Ready: kubeadm join %s, airadm apply %s (apply returned after %s), ratio %s (target <= 0.6); host CPU busy just before: kubeadm %s, airadm %s\n",
 		kubeadmJoinReady.Round(10*time.Millisecond), airadmJoinReady.Round(10*time.Millisecond), wTL.wall().Round(10*time.Millisecond),
-		ratio(airadmJoinReady, kubeadmJoinReady))
+		ratio(airadmJoinReady, kubeadmJoinReady), kBusy, wBusy)
 	fmt.Printf("e2e: airadm worker phases: %s\n", wTL.phaseDurations())
 }
 
@@ -598,7 +599,7 @@ func (n *node) startKubelet(kubelet string) error {
 // kubeadmJoin joins w2 with the real `kubeadm join`, discovering the
 // cluster through the cluster-info and RBAC airadm published, with the
 // token airadm issued: kubeadm's own tooling can grow the cluster.
-func kubeadmJoin(t *testing.T, ctx context.Context, cs kubernetes.Interface, kubeadm, kubelet, airadm, lookup, bundle, token string, ca *x509.Certificate, sandbox string) time.Duration {
+func kubeadmJoin(t *testing.T, ctx context.Context, cs kubernetes.Interface, kubeadm, kubelet, airadm, lookup, bundle, token string, ca *x509.Certificate, sandbox string) (time.Duration, string) {
 	t.Helper()
 	n := newNode(t, "w2", "10.77.0.22")
 	n.checkResolver(ctx, lookup)
@@ -632,6 +633,7 @@ patches:
 `, token, sum, n.addr, patches)), 0o600)
 	readyCh := watchNodeReady(ctx, cs, n.name)
 	var kubeletAt time.Time
+	busy := settle(20 * time.Second)
 	start := time.Now()
 	out, kerr, err := n.runKubeadm(ctx, kubeadm, kubelet, &kubeletAt, "join", "--config", cfg)
 	returned := time.Since(start)
@@ -649,7 +651,7 @@ patches:
 		t.Fatalf("node %s not Ready 3 minutes after kubeadm join", n.name)
 	}
 	t.Logf("kubeadm join returned after %v (kubelet started at %v), Node Ready at %v:\n%s", returned, since(start, kubeletAt), since(start, readyAt), lastLines(out, 8))
-	return readyAt.Sub(start)
+	return readyAt.Sub(start), busy
 }
 
 func waitFor(t *testing.T, ctx context.Context, d time.Duration, what string, f func() (bool, error)) {

@@ -290,7 +290,8 @@ func (n *node) keepLogs() {
 	dst = filepath.Join(dst, n.name)
 	if err := os.MkdirAll(dst, 0o755); err == nil {
 		// kubeadm's nodes log the kubelet beside their files.
-		exec.Command("sh", "-c", `cp -a "$1"/var_log_airadm/. "$1"/*.log "$2"/`, "sh", n.dir, dst).Run()
+		// The pods' logs too: the apiserver's and etcd's own start.
+		exec.Command("sh", "-c", `cp -a "$1"/var_log_airadm/. "$1"/*.log "$2"/; cp -aL "$1"/var_log_pods "$2"/pods`, "sh", n.dir, dst).Run()
 	}
 }
 
