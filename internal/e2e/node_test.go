@@ -14,6 +14,10 @@ import (
 	"testing"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
 	"airadm.dev/airadm/internal/containerdtest"
 	"airadm.dev/airadm/internal/k8sbin"
 	"airadm.dev/airadm/render"
@@ -108,17 +112,20 @@ func newNode(t *testing.T, name, addr string) *node {
 	run(t, "ip", "-n", n.netns, "route", "add", "default", "via", bridgeIP)
 
 	// Name resolution that answers at once: the node's own name from
-	// /etc/hosts, and a resolver on 127.0.0.1 where nothing listens, so a
-	// lookup fails with ECONNREFUSED in about a millisecond. Without this,
-	// DNS packets routed out through the bridge are dropped (ip_forward is
-	// off on these VMs) and Go's resolver waits out two 5 s timeouts, which
-	// kubeadm's preflight host name lookup did, inflating its time.
+	// /etc/hosts, and a resolver at the bridge's host address where
+	// nothing listens, so a lookup from the node fails with ECONNREFUSED
+	// in about a millisecond. Without this, DNS packets routed out through
+	// the bridge are dropped (ip_forward is off on these VMs) and Go's
+	// resolver waits out two 5 s timeouts, which kubeadm's preflight host
+	// name lookup did, inflating its time. Not 127.0.0.1: CoreDNS forwards
+	// to the node's resolver, and its loop plugin exits (the pod then
+	// crash-loops) when that is a loopback address, its own.
 	hosts := filepath.Join(dir, "hosts")
 	resolv := filepath.Join(dir, "resolv.conf")
 	if err := os.WriteFile(hosts, []byte(fmt.Sprintf("127.0.0.1 localhost\n::1 localhost\n%s %s\n", addr, name)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(resolv, []byte("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"), 0o644); err != nil {
+	if err := os.WriteFile(resolv, []byte("nameserver "+bridgeIP+"\noptions timeout:1 attempts:1\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	var script strings.Builder
@@ -341,5 +348,76 @@ func removeKubepods() {
 	}
 	for i := len(dirs) - 1; i >= 0; i-- {
 		syscall.Rmdir(dirs[i])
+	}
+}
+
+// unjoin takes a joined worker back to where its join started, for
+// another timed round: its kubelet stopped, its credentials and kubelet's
+// certificates gone, its Node deleted. Containers and images stay, as do
+// the rest of airadm's or kubeadm's files (each join rewrites them).
+func (n *node) unjoin(ctx context.Context, cs kubernetes.Interface) {
+	t := n.t
+	t.Helper()
+	n.killKubelet()
+	for _, p := range []string{"etc_kubernetes/kubelet.conf", "etc_kubernetes/bootstrap-kubelet.conf"} {
+		os.Remove(filepath.Join(n.dir, p))
+	}
+	certs, _ := filepath.Glob(filepath.Join(n.dir, "var_lib_kubelet", "pki", "kubelet-client-*"))
+	for _, c := range certs {
+		os.Remove(c)
+	}
+	if err := cs.CoreV1().Nodes().Delete(ctx, n.name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		t.Fatalf("deleting Node %s: %v", n.name, err)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		_, err := cs.CoreV1().Nodes().Get(ctx, n.name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Node %s still there a minute after its deletion: %v", n.name, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// killKubelet kills the kubelet running in n's mount namespace and waits
+// until it is gone.
+func (n *node) killKubelet() {
+	mnt, err := os.Readlink("/proc/" + n.pid() + "/ns/mnt")
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	var pids []int
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		ns, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", pid))
+		if filepath.Base(exe) == "kubelet" && ns == mnt {
+			syscall.Kill(pid, syscall.SIGKILL)
+			pids = append(pids, pid)
+		}
+	}
+	if len(pids) == 0 {
+		n.t.Fatalf("no kubelet runs on %s", n.name)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for _, pid := range pids {
+		for {
+			// Gone, or a zombie its parent has not reaped yet.
+			stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+			if err != nil || strings.Contains(string(stat), ") Z ") {
+				break
+			}
+			if time.Now().After(deadline) {
+				n.t.Fatalf("kubelet %d on %s survived SIGKILL for 30 s", pid, n.name)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	}
 }

@@ -362,3 +362,26 @@ func settle(limit time.Duration) string {
 		}
 	}
 }
+
+// join is one timed join: start to Node Ready, and how busy the host's
+// CPU was just before it.
+type join struct {
+	took time.Duration
+	busy string
+}
+
+func medianJoin(js []join) time.Duration {
+	var ds []time.Duration
+	for _, j := range js {
+		ds = append(ds, j.took)
+	}
+	return median(ds)
+}
+
+func joinList(js []join) string {
+	var parts []string
+	for _, j := range js {
+		parts = append(parts, fmt.Sprintf("%s (%s)", j.took.Round(10*time.Millisecond), j.busy))
+	}
+	return strings.Join(parts, ", ")
+}
