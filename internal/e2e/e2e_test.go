@@ -166,14 +166,7 @@ const cniConfig = `{
 `
 
 func TestEndToEnd(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("the end-to-end test needs root for network and mount namespaces")
-	}
-	for _, tool := range []string{"ip", "nsenter", "unshare", "runc"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("%s is missing: apt-get install iproute2 util-linux runc (./hack/test installs them)", tool)
-		}
-	}
+	needRootAndTools(t, "network and mount namespaces")
 	kubelet, err := k8sbin.Path("kubelet")
 	if err != nil {
 		t.Fatal(err)
@@ -198,18 +191,7 @@ pod_subnet = "10.244.0.0/16"
 algorithm = "ECDSA-P256"
 [images]
 repository = %q
-[kubelet]
-cgroup_driver = "cgroupfs"
-# These VMs run cgroup v1 and lack CAP_SYS_RESOURCE (REAL-CLUSTER-NOTES.md).
-[kubelet.config]
-failCgroupV1 = false
-oomScoreAdj = 0
-# The bundles bring containerd; these VMs lack CAP_SYS_RESOURCE.
-[containerd.config.plugins.'io.containerd.cri.v1.runtime']
-restrict_oom_score_adj = true
-[containerd.config.plugins.'io.containerd.nri.v1.nri']
-disable = true
-[[nodes]]
+`+buildMachineTOML+`[[nodes]]
 name = "cp1"
 role = "control-plane"
 address = "10.77.0.11"

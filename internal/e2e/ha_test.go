@@ -63,14 +63,7 @@ backend apiservers
 // on through the load balancer; then resets it and applies its bundle
 // again, and checks that it rejoins etcd.
 func TestHA(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("the HA test needs root for network and mount namespaces")
-	}
-	for _, tool := range []string{"ip", "nsenter", "unshare", "runc", "haproxy"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("%s is missing: apt-get install iproute2 util-linux runc haproxy (./hack/test installs them)", tool)
-		}
-	}
+	needRootAndTools(t, "network and mount namespaces", tool{"haproxy", "haproxy"})
 	kubeadm, err := k8sbin.Path("kubeadm")
 	if err != nil {
 		t.Fatal(err)
@@ -107,17 +100,7 @@ pod_subnet = "10.244.0.0/16"
 algorithm = "ECDSA-P256"
 [images]
 repository = %q
-[kubelet]
-cgroup_driver = "cgroupfs"
-# These VMs run cgroup v1 and lack CAP_SYS_RESOURCE (REAL-CLUSTER-NOTES.md).
-[kubelet.config]
-failCgroupV1 = false
-oomScoreAdj = 0
-[containerd.config.plugins.'io.containerd.cri.v1.runtime']
-restrict_oom_score_adj = true
-[containerd.config.plugins.'io.containerd.nri.v1.nri']
-disable = true
-%s`, lbAddr, repo, nodesTOML.String())+runtimeHostFiles(t)), 0o644)
+`+buildMachineTOML+`%s`, lbAddr, repo, nodesTOML.String())+runtimeHostFiles(t)), 0o644)
 	c := loadAndPush(t, cfg, repo)
 	airadm := buildAiradm(t)
 	airadmBuild(t, airadm, "-c", cfg, "-o", filepath.Join(work, "out"))

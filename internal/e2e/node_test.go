@@ -421,3 +421,37 @@ func (n *node) killKubelet() {
 		}
 	}
 }
+
+// tool is a command a test runs and the Debian package that has it.
+type tool struct{ name, pkg string }
+
+// needRootAndTools fails the test, saying how to get them, unless it runs
+// as root (for why) and every tool is on PATH: those every test with
+// namespaced nodes runs, and extra.
+func needRootAndTools(t *testing.T, why string, extra ...tool) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatalf("%s needs root for %s", t.Name(), why)
+	}
+	tools := append([]tool{{"ip", "iproute2"}, {"nsenter", "util-linux"}, {"unshare", "util-linux"}, {"runc", "runc"}}, extra...)
+	for _, tl := range tools {
+		if _, err := exec.LookPath(tl.name); err != nil {
+			t.Fatalf("%s is missing: apt-get install %s (./hack/test installs it)", tl.name, tl.pkg)
+		}
+	}
+}
+
+// buildMachineTOML is what cluster.toml needs for nodes on these build
+// machines, which run cgroup v1 and lack CAP_SYS_RESOURCE
+// (REAL-CLUSTER-NOTES.md); a VM guest takes it too, harmlessly. The
+// bundles bring containerd, whose config says the same.
+const buildMachineTOML = `[kubelet]
+cgroup_driver = "cgroupfs"
+[kubelet.config]
+failCgroupV1 = false
+oomScoreAdj = 0
+[containerd.config.plugins.'io.containerd.cri.v1.runtime']
+restrict_oom_score_adj = true
+[containerd.config.plugins.'io.containerd.nri.v1.nri']
+disable = true
+`

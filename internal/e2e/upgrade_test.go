@@ -38,14 +38,7 @@ import (
 // refused while the control plane is older, and that a control-plane
 // upgrade whose apiserver cannot start is rolled back.
 func TestUpgrade(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("the upgrade test needs root for network and mount namespaces")
-	}
-	for _, tool := range []string{"ip", "nsenter", "unshare", "runc"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("%s is missing: apt-get install iproute2 util-linux runc (./hack/test installs them)", tool)
-		}
-	}
+	needRootAndTools(t, "network and mount namespaces")
 	from, to := k8sbin.PreviousKubernetesVersion, render.KubernetesVersion
 	kubeadm, err := k8sbin.PathFor(to, "kubeadm")
 	if err != nil {
@@ -74,16 +67,7 @@ pod_subnet = "10.244.0.0/16"
 algorithm = "ECDSA-P256"
 [images]
 repository = %q
-[kubelet]
-cgroup_driver = "cgroupfs"
-[kubelet.config]
-failCgroupV1 = false
-oomScoreAdj = 0
-[containerd.config.plugins.'io.containerd.cri.v1.runtime']
-restrict_oom_score_adj = true
-[containerd.config.plugins.'io.containerd.nri.v1.nri']
-disable = true
-[[nodes]]
+`+buildMachineTOML+`[[nodes]]
 name = "cp1"
 role = "control-plane"
 address = "10.77.0.11"

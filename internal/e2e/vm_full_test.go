@@ -27,9 +27,7 @@ import (
 // host but QEMU and the test's reads of the cluster. Not in CI (just
 // vm-e2e-full): under TCG a control plane takes many minutes.
 func TestVMFull(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("the VM end-to-end test needs root for TAP devices and the image build")
-	}
+	needRootAndTools(t, "namespaces, TAP devices and the image build", vmTools()...)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Minute)
 	defer cancel()
 	img := vmImage(t, ctx)

@@ -237,17 +237,7 @@ func hostFile(t *testing.T, dir, path string, data []byte, mode string, roles ..
 // natively here as in TestEndToEnd, by its token, becomes Ready and runs
 // a pod.
 func TestVMWorker(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("the VM end-to-end test needs root for namespaces, TAP devices and the image build")
-	}
-	for _, tool := range []struct{ name, pkg string }{
-		{"ip", "iproute2"}, {"nsenter", "util-linux"}, {"unshare", "util-linux"}, {"runc", "runc"},
-		{"qemu-system-x86_64", "qemu-system-x86"}, {"mmdebstrap", "mmdebstrap"}, {"mkfs.ext4", "e2fsprogs"},
-	} {
-		if _, err := exec.LookPath(tool.name); err != nil {
-			t.Fatalf("%s is missing: apt-get install %s (./hack/test installs it)", tool.name, tool.pkg)
-		}
-	}
+	needRootAndTools(t, "namespaces, TAP devices and the image build", vmTools()...)
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		t.Fatalf("the guest's TAP device needs /dev/net/tun: %v", err)
 	}
@@ -272,18 +262,7 @@ pod_subnet = "10.244.0.0/16"
 algorithm = "ECDSA-P256"
 [images]
 repository = %q
-[kubelet]
-cgroup_driver = "cgroupfs"
-# The native control plane runs on these build machines: cgroup v1, no
-# CAP_SYS_RESOURCE (REAL-CLUSTER-NOTES.md). Harmless in the guest.
-[kubelet.config]
-failCgroupV1 = false
-oomScoreAdj = 0
-[containerd.config.plugins.'io.containerd.cri.v1.runtime']
-restrict_oom_score_adj = true
-[containerd.config.plugins.'io.containerd.nri.v1.nri']
-disable = true
-[[nodes]]
+`+buildMachineTOML+`[[nodes]]
 name = "cp1"
 role = "control-plane"
 address = "10.77.0.11"
@@ -453,4 +432,9 @@ func readyNodes(t *testing.T, ctx context.Context, cs kubernetes.Interface) (rea
 		}
 	}
 	return ready, len(nodes.Items)
+}
+
+// vmTools are what the VM tests run besides the nodes' tools.
+func vmTools() []tool {
+	return []tool{{"qemu-system-x86_64", "qemu-system-x86"}, {"mmdebstrap", "mmdebstrap"}, {"mkfs.ext4", "e2fsprogs"}}
 }
