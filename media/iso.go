@@ -69,7 +69,12 @@ type ISOOptions struct {
 // go-diskfs records the wall clock and the workspace's owners, ctimes and
 // link counts; normaliseISO then rewrites those fields so that the same
 // tree and epoch give the same bytes.
-func WriteISO(path string, t Tree, o ISOOptions) error {
+func WriteISO(path string, t Tree, o ISOOptions) error { return writeISO(path, t, o, true) }
+
+// writeISO is WriteISO; without standIns, no stand-in has a marker, so
+// that every file is copied after Finalize, as with a go-diskfs that
+// wrote file data otherwise (for tests).
+func writeISO(path string, t Tree, o ISOOptions, standIns bool) error {
 	if err := CheckISOLabel(o.Label); err != nil {
 		return &InputError{err}
 	}
@@ -95,7 +100,10 @@ func WriteISO(path string, t Tree, o ISOOptions) error {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	defer os.RemoveAll(ws)
-	markers := standInMarkers(t)
+	markers := make([][]byte, len(t))
+	if standIns {
+		markers = standInMarkers(t)
+	}
 	if err := fillWorkspace(ws, t, markers); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
 	}

@@ -2,6 +2,7 @@ package media
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -278,10 +279,12 @@ func withBundleChanged(t *testing.T, p string, write func() error) error {
 }
 
 // TestWriteISOVerifiesWhileLayingOut: airadm media iso scans the bundles
-// and verifies them while go-diskfs lays the image out. The image is the
-// one Open and WriteISO give; a bundle damaged after Scan (its manifest
-// intact) is refused as Open refuses it, with nothing written; and a Tree
-// of a Source nothing verified is never copied.
+// and verifies them while go-diskfs lays the image out, whether the copy
+// into the image runs meanwhile or after Finalize (a file whose stand-in
+// carried no marker). The image is the one Open and WriteISO give; a
+// bundle damaged after Scan (its manifest intact) is refused as Open
+// refuses it, with nothing written; and a Tree of a Source nothing
+// verified is never copied.
 func TestWriteISOVerifiesWhileLayingOut(t *testing.T) {
 	c, out := quickstart(t)
 	scan := func(t *testing.T, damage ...func(dir string)) (string, *Source, Tree) {
@@ -320,23 +323,32 @@ func TestWriteISOVerifiesWhileLayingOut(t *testing.T) {
 		if a, b := fileSHA256(t, filepath.Join(dir, "scanned")), fileSHA256(t, filepath.Join(dir, "opened")); a != b {
 			t.Errorf("scanned and opened images differ: %s, %s", a, b)
 		}
-	})
-	t.Run("damaged after Scan", func(t *testing.T) {
-		d, src, tr := scan(t)
-		p := filepath.Join(d, "w1.bundle")
-		b, _ := os.ReadFile(p)
-		b[strings.Index(string(b), "tls-bootstrap-token-user")] ^= 1
-		os.WriteFile(p, b, 0o600)
-		dir := t.TempDir()
-		err := WriteISO(filepath.Join(dir, "img"), tr, ISOOptions{Label: "AIRADM", Verify: src.VerifyEntries})
-		want := "verifying " + p + ": entry files/etc/kubernetes/bootstrap-kubelet.conf: sha256 mismatch"
-		if err == nil || !strings.HasPrefix(err.Error(), want) || !isInput(err) {
-			t.Fatalf("WriteISO = %v, want an InputError beginning %q", err, want)
+		_, src, tr = scan(t)
+		if err := writeISO(filepath.Join(dir, "after"), tr, ISOOptions{Label: "AIRADM", Epoch: src.Epoch(), Verify: src.VerifyEntries}, false); err != nil {
+			t.Fatal(err)
 		}
-		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
-			t.Errorf("a refused write left %v", entries)
+		if a, b := fileSHA256(t, filepath.Join(dir, "after")), fileSHA256(t, filepath.Join(dir, "opened")); a != b {
+			t.Errorf("the image copied after Finalize differs from the opened one: %s, %s", a, b)
 		}
 	})
+	for _, standIns := range []bool{true, false} {
+		t.Run(fmt.Sprintf("damaged after Scan, stand-ins %v", standIns), func(t *testing.T) {
+			d, src, tr := scan(t)
+			p := filepath.Join(d, "w1.bundle")
+			b, _ := os.ReadFile(p)
+			b[strings.Index(string(b), "tls-bootstrap-token-user")] ^= 1
+			os.WriteFile(p, b, 0o600)
+			dir := t.TempDir()
+			err := writeISO(filepath.Join(dir, "img"), tr, ISOOptions{Label: "AIRADM", Verify: src.VerifyEntries}, standIns)
+			want := "verifying " + p + ": entry files/etc/kubernetes/bootstrap-kubelet.conf: sha256 mismatch"
+			if err == nil || !strings.HasPrefix(err.Error(), want) || !isInput(err) {
+				t.Fatalf("WriteISO = %v, want an InputError beginning %q", err, want)
+			}
+			if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+				t.Errorf("a refused write left %v", entries)
+			}
+		})
+	}
 	t.Run("SHA256SUMS vouches for other bytes", func(t *testing.T) {
 		d, src, tr := scan(t, func(d string) {
 			s, _ := trust.ReadSums(filepath.Join(d, "SHA256SUMS"))
