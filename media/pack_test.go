@@ -54,21 +54,13 @@ func TestMediaCarryThePackOnce(t *testing.T) {
 	// SHA256SUMS to the copy (VerifyEntries): a line for other bytes is
 	// refused there, with nothing written.
 	t.Run("iso, SHA256SUMS vouches for another pack", func(t *testing.T) {
-		d := t.TempDir()
-		copyDir(t, out, d)
-		sums, _ := trust.ReadSums(filepath.Join(d, trust.SumsFile))
-		sums[bundle.PackFile] = trust.Sum{File: strings.Repeat("ab", 32)}
-		sums.Write(filepath.Join(d, trust.SumsFile))
-		src, err := Scan(d, c, nil, SizeLimit{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		tr, err := ClusterTree(src, runner(t), Mount{Label: "AIRADM"})
-		if err != nil {
-			t.Fatal(err)
-		}
+		d, src, tr := scanCopy(t, c, out, func(d string) {
+			sums, _ := trust.ReadSums(filepath.Join(d, trust.SumsFile))
+			sums[bundle.PackFile] = trust.Sum{File: strings.Repeat("ab", 32)}
+			sums.Write(filepath.Join(d, trust.SumsFile))
+		})
 		dir := t.TempDir()
-		err = WriteISO(filepath.Join(dir, "img"), tr, ISOOptions{Label: "AIRADM", Verify: src.VerifyEntries})
+		err := WriteISO(filepath.Join(dir, "img"), tr, ISOOptions{Label: "AIRADM", Verify: src.VerifyEntries})
 		want := "verifying " + filepath.Join(d, bundle.PackFile) + ": file sha256 "
 		if err == nil || !strings.HasPrefix(err.Error(), want) || !isInput(err) || !errors.Is(err, trust.ErrUntrusted) {
 			t.Fatalf("WriteISO = %v, want an untrusted InputError beginning %q", err, want)

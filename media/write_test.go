@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"airadm.dev/airadm/render"
 	"airadm.dev/airadm/trust"
 )
 
@@ -288,20 +289,7 @@ func withBundleChanged(t *testing.T, p string, write func() error) error {
 func TestWriteISOVerifiesWhileLayingOut(t *testing.T) {
 	c, out := quickstart(t)
 	scan := func(t *testing.T, damage ...func(dir string)) (string, *Source, Tree) {
-		d := t.TempDir()
-		copyDir(t, out, d)
-		for _, f := range damage {
-			f(d)
-		}
-		src, err := Scan(d, c, nil, SizeLimit{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		tr, err := ClusterTree(src, runner(t), Mount{Label: "AIRADM"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return d, src, tr
+		return scanCopy(t, c, out, damage...)
 	}
 	t.Run("same image as Open", func(t *testing.T) {
 		d, src, tr := scan(t)
@@ -376,4 +364,25 @@ func TestWriteISOVerifiesWhileLayingOut(t *testing.T) {
 			t.Errorf("a refused write left %v", entries)
 		}
 	})
+}
+
+// scanCopy scans a copy of the build output out, after damage has been
+// done to the copy, and makes its cluster tree; it returns the copy's
+// directory too.
+func scanCopy(t *testing.T, c *render.Cluster, out string, damage ...func(dir string)) (string, *Source, Tree) {
+	t.Helper()
+	d := t.TempDir()
+	copyDir(t, out, d)
+	for _, f := range damage {
+		f(d)
+	}
+	src, err := Scan(d, c, nil, SizeLimit{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := ClusterTree(src, runner(t), Mount{Label: "AIRADM"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, src, tr
 }
