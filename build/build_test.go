@@ -1,6 +1,7 @@
 package build
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -29,6 +30,10 @@ import (
 func TestMain(m *testing.M) {
 	if cfg := os.Getenv("AIRADM_TEST_BUILD_CHILD"); cfg != "" {
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		// A parent that signals this process waits for this line: a SIGTERM
+		// before the handler is in place kills as SIGKILL does, which is
+		// not the case a graceful stop is tested for.
+		fmt.Println(childStarted)
 		secs, _ := strconv.ParseInt(os.Getenv("AIRADM_TEST_BUILD_TIME"), 10, 64)
 		var err error
 		if os.Getenv("AIRADM_TEST_BUILD_PACK") != "" {
@@ -47,6 +52,8 @@ func TestMain(m *testing.M) {
 	}
 	os.Exit(m.Run())
 }
+
+const childStarted = "build-child-started"
 
 func quickBuild(ctx context.Context, cfg, out string, at time.Time) (*Result, error) {
 	c, err := render.Load(cfg)
@@ -155,12 +162,25 @@ func TestInterruptedBuild(t *testing.T) {
 		cmd := exec.Command(exe)
 		cmd.Env = append(os.Environ(), "AIRADM_TEST_BUILD_CHILD="+cfg, "AIRADM_TEST_BUILD_OUT="+out,
 			fmt.Sprintf("AIRADM_TEST_BUILD_TIME=%d", 1767225700+i))
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
+		// The delay counts from the build's start, not the process's: on a
+		// loaded machine the runtime's own start can take longer than a
+		// warm build.
+		line, err := bufio.NewReader(stdout).ReadString('\n')
+		if err != nil || strings.TrimSpace(line) != childStarted {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("round %d: the child did not start: %q, %v", i, line, err)
+		}
 		time.Sleep(delay)
 		cmd.Process.Signal(sig)
-		err := cmd.Wait()
+		err = cmd.Wait()
 		when := fmt.Sprintf("round %d (%v after %v, exit %v)", i, sig, delay, err)
 		checkSums(t, out, when)
 		if sig == syscall.SIGTERM {
