@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -24,6 +25,7 @@ type mediaFlags struct {
 	From   string `default:"out" help:"Directory holding the built bundles and their SHA256SUMS."`
 	Out    string `short:"o" required:"" help:"Image file to write."`
 	Runner string `help:"airadm binary for the nodes' platform, when it is not this one's (checked to be an ELF for it)."`
+	JSON   bool   `name:"json" help:"Print what was written as JSON."`
 }
 
 // open loads the config, checks the bundles of nodes and picks the runner.
@@ -74,12 +76,49 @@ func mediaError(err error) error {
 	return err
 }
 
-func reportMedium(env *Env, out, what string, src *media.Source) {
-	fmt.Fprintf(env.Stdout, "%s: %s,", out, what)
+// medium is what a media command wrote, for --json.
+type medium struct {
+	Out    string `json:"out"`
+	Medium string `json:"medium"` // iso, usb or cidata
+	Format string `json:"format"` // the filesystem: iso9660 or fat32
+	Label  string `json:"label"`
+	// Epoch is every timestamp the medium records.
+	Epoch   time.Time      `json:"epoch"`
+	Bundles []mediumBundle `json:"bundles"`
+	Pack    *mediumBundle  `json:"pack,omitempty"`
+	// InstanceID is a seed's cloud-init instance-id.
+	InstanceID string `json:"instanceId,omitempty"`
+}
+
+type mediumBundle struct {
+	Node           string `json:"node,omitempty"`
+	Role           string `json:"role,omitempty"`
+	File           string `json:"file"`
+	SHA256         string `json:"sha256"`
+	ManifestDigest string `json:"manifestDigest,omitempty"`
+}
+
+// report prints what was written: a line, or with --json an object.
+func (f mediaFlags) report(env *Env, m medium, what string, src *media.Source) error {
 	for _, b := range src.Bundles {
-		fmt.Fprintf(env.Stdout, " %s", b.Node.Name)
+		m.Bundles = append(m.Bundles, mediumBundle{Node: b.Node.Name, Role: string(b.Node.Role), File: b.Name, SHA256: b.SHA256, ManifestDigest: b.ManifestDigest})
+	}
+	if p := src.Pack; p != nil {
+		m.Pack = &mediumBundle{File: p.Name, SHA256: p.SHA256}
+	}
+	if f.JSON {
+		return json.NewEncoder(env.Stdout).Encode(m)
+	}
+	if m.InstanceID != "" {
+		fmt.Fprintf(env.Stdout, "%s: %s, instance of manifest %s\n", m.Out, what, m.Bundles[0].ManifestDigest)
+		return nil
+	}
+	fmt.Fprintf(env.Stdout, "%s: %s,", m.Out, what)
+	for _, b := range m.Bundles {
+		fmt.Fprintf(env.Stdout, " %s", b.Node)
 	}
 	fmt.Fprintln(env.Stdout)
+	return nil
 }
 
 // MediaISOCmd writes the cluster's ISO.
@@ -109,8 +148,8 @@ func (cmd *MediaISOCmd) Run(env *Env) error {
 	if err := media.WriteISO(cmd.Out, t, media.ISOOptions{Label: cmd.Label, Epoch: epoch, Verify: src.VerifyEntries}); err != nil {
 		return mediaError(err)
 	}
-	reportMedium(env, cmd.Out, "ISO 9660 labelled "+cmd.Label+" with", src)
-	return nil
+	return cmd.report(env, medium{Out: cmd.Out, Medium: "iso", Format: "iso9660", Label: cmd.Label, Epoch: epoch},
+		"ISO 9660 labelled "+cmd.Label+" with", src)
 }
 
 // MediaUSBCmd writes the cluster's USB disk image.
@@ -138,8 +177,8 @@ func (cmd *MediaUSBCmd) Run(env *Env) error {
 	if err := media.WriteFAT(cmd.Out, t, media.FATOptions{Label: cmd.Label, Epoch: epoch, Partitioned: true}); err != nil {
 		return mediaError(err)
 	}
-	reportMedium(env, cmd.Out, "GPT disk, FAT32 partition labelled "+cmd.Label+" with", src)
-	return nil
+	return cmd.report(env, medium{Out: cmd.Out, Medium: "usb", Format: "fat32", Label: cmd.Label, Epoch: epoch},
+		"GPT disk, FAT32 partition labelled "+cmd.Label+" with", src)
 }
 
 // MediaCidataCmd writes one node's NoCloud seed.
@@ -166,6 +205,7 @@ func (cmd *MediaCidataCmd) Run(env *Env) error {
 		return mediaError(err)
 	}
 	b, _ := src.Bundle(cmd.Node)
-	fmt.Fprintf(env.Stdout, "%s: cloud-init seed (%s, labelled %s) for %s, instance of manifest %s\n", cmd.Out, cmd.Format, media.SeedLabel, cmd.Node, b.ManifestDigest)
-	return nil
+	format := map[string]string{"iso": "iso9660", "fat": "fat32"}[cmd.Format]
+	return cmd.report(env, medium{Out: cmd.Out, Medium: "cidata", Format: format, Label: media.SeedLabel, Epoch: epoch, InstanceID: media.InstanceID(b.Node, b.ManifestDigest)},
+		fmt.Sprintf("cloud-init seed (%s, labelled %s) for %s", cmd.Format, media.SeedLabel, cmd.Node), src)
 }

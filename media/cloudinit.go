@@ -22,16 +22,22 @@ type SeedFiles struct {
 // bundle's manifest digest: cloud-init runs runcmd once per instance, so a
 // new bundle runs airadm again and a reboot with the same one does not.
 func Seed(c *render.Cluster, n render.Node, manifestDigest string) SeedFiles {
-	hexPart := strings.TrimPrefix(manifestDigest, "sha256:")
-	if len(hexPart) > 16 {
-		hexPart = hexPart[:16]
-	}
-	meta := fmt.Sprintf("instance-id: airadm-%s-%s\nlocal-hostname: %s\n", n.Name, hexPart, n.Name)
+	meta := fmt.Sprintf("instance-id: %s\nlocal-hostname: %s\n", InstanceID(n, manifestDigest), n.Name)
 	return SeedFiles{
 		MetaData:      []byte(meta),
 		NetworkConfig: networkConfig(c, n),
 		UserData:      userData(c, n, manifestDigest),
 	}
+}
+
+// InstanceID is the cloud-init instance-id of n's seed for the bundle
+// whose manifest digest is manifestDigest.
+func InstanceID(n render.Node, manifestDigest string) string {
+	hexPart := strings.TrimPrefix(manifestDigest, "sha256:")
+	if len(hexPart) > 16 {
+		hexPart = hexPart[:16]
+	}
+	return "airadm-" + n.Name + "-" + hexPart
 }
 
 // networkConfig is network-config version 2 (netplan's format) with the
