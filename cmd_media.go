@@ -7,6 +7,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"airadm.dev/airadm/media"
@@ -30,8 +31,9 @@ type mediaFlags struct {
 
 // open loads the config, checks the bundles of nodes and picks the runner.
 // With verify it also reads every byte of the bundles; without, the caller
-// must (media.Scan).
-func (f mediaFlags) open(nodes []string, limit media.SizeLimit, verify bool) (*media.Source, string, error) {
+// must (Source.VerifyEntries, or WriteISO's Verify). What is read and
+// copied later is counted on p.
+func (f mediaFlags) open(nodes []string, limit media.SizeLimit, verify bool, p *mediaProgress) (*media.Source, string, error) {
 	c, err := f.load()
 	if err != nil {
 		return nil, "", err
@@ -44,15 +46,77 @@ func (f mediaFlags) open(nodes []string, limit media.SizeLimit, verify bool) (*m
 	if err != nil {
 		return nil, "", mediaError(err)
 	}
-	open := media.Scan
-	if verify {
-		open = media.Open
-	}
-	src, err := open(f.From, c, nodes, limit)
+	src, err := media.Scan(f.From, c, nodes, limit)
 	if err != nil {
 		return nil, "", mediaError(err)
 	}
+	src.Meter = &p.Meter
+	p.verifyTotal.Store(src.VerifyBytes())
+	if verify {
+		if err := src.Verify(); err != nil {
+			return nil, "", mediaError(err)
+		}
+	}
 	return src, runner, nil
+}
+
+// mediaProgress draws, on a terminal, how much of the bundles has been
+// verified and how much copied onto the medium, four times a second.
+type mediaProgress struct {
+	media.Meter
+	// verifyTotal and copyTotal are known once the bundles are scanned
+	// and the medium's tree is made.
+	verifyTotal, copyTotal atomic.Int64
+	stop, done             chan struct{}
+}
+
+func startMediaProgress(env *Env) *mediaProgress {
+	p := &mediaProgress{stop: make(chan struct{}), done: make(chan struct{})}
+	if !env.IsTerminal {
+		close(p.done)
+		return p
+	}
+	line := newProgress(env)
+	go func() {
+		defer close(p.done)
+		defer line.done()
+		tick := time.NewTicker(250 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			stopped := false
+			select {
+			case <-p.stop:
+				stopped = true // drawn once more: where it ended
+			case <-tick.C:
+			}
+			line.line(fmt.Sprintf("verified %s, written %s", mib(p.Verified(), p.verifyTotal.Load()), mib(p.Copied(), p.copyTotal.Load())))
+			if stopped {
+				return
+			}
+		}
+	}()
+	return p
+}
+
+func mib(n, total int64) string {
+	f := "%.0f"
+	if max(n, total) < 10<<20 {
+		f = "%.1f"
+	}
+	if total == 0 {
+		return fmt.Sprintf(f+" MiB", float64(n)/(1<<20))
+	}
+	return fmt.Sprintf(f+"/"+f+" MiB", float64(n)/(1<<20), float64(total)/(1<<20))
+}
+
+// end clears the line, before anything else is printed.
+func (p *mediaProgress) end() {
+	select {
+	case <-p.done:
+	default:
+		close(p.stop)
+		<-p.done
+	}
 }
 
 // epoch is SOURCE_DATE_EPOCH if set, else the bundles' build time.
@@ -133,7 +197,9 @@ func (cmd *MediaISOCmd) Validate() error { return media.CheckISOLabel(cmd.Label)
 func (cmd *MediaISOCmd) Run(env *Env) error {
 	// Verified while the image is laid out (ISOOptions.Verify), by entries
 	// and manifest digest: the copy pass checks each file's sha256.
-	src, runner, err := cmd.open(cmd.Nodes, media.SizeLimit{}, false)
+	p := startMediaProgress(env)
+	defer p.end()
+	src, runner, err := cmd.open(cmd.Nodes, media.SizeLimit{}, false, p)
 	if err != nil {
 		return err
 	}
@@ -145,9 +211,11 @@ func (cmd *MediaISOCmd) Run(env *Env) error {
 	if err != nil {
 		return mediaError(err)
 	}
+	p.copyTotal.Store(t.CopyBytes())
 	if err := media.WriteISO(cmd.Out, t, media.ISOOptions{Label: cmd.Label, Epoch: epoch, Verify: src.VerifyEntries}); err != nil {
 		return mediaError(err)
 	}
+	p.end()
 	return cmd.report(env, medium{Out: cmd.Out, Medium: "iso", Format: "iso9660", Label: cmd.Label, Epoch: epoch},
 		"ISO 9660 labelled "+cmd.Label+" with", src)
 }
@@ -162,7 +230,9 @@ type MediaUSBCmd struct {
 func (cmd *MediaUSBCmd) Validate() error { return media.CheckFATLabel(cmd.Label) }
 
 func (cmd *MediaUSBCmd) Run(env *Env) error {
-	src, runner, err := cmd.open(cmd.Nodes, media.FAT32(), true)
+	p := startMediaProgress(env)
+	defer p.end()
+	src, runner, err := cmd.open(cmd.Nodes, media.FAT32(), true, p)
 	if err != nil {
 		return err
 	}
@@ -174,9 +244,11 @@ func (cmd *MediaUSBCmd) Run(env *Env) error {
 	if err != nil {
 		return mediaError(err)
 	}
+	p.copyTotal.Store(t.CopyBytes())
 	if err := media.WriteFAT(cmd.Out, t, media.FATOptions{Label: cmd.Label, Epoch: epoch, Partitioned: true}); err != nil {
 		return mediaError(err)
 	}
+	p.end()
 	return cmd.report(env, medium{Out: cmd.Out, Medium: "usb", Format: "fat32", Label: cmd.Label, Epoch: epoch},
 		"GPT disk, FAT32 partition labelled "+cmd.Label+" with", src)
 }
@@ -193,7 +265,9 @@ func (cmd *MediaCidataCmd) Run(env *Env) error {
 	if cmd.Format == "fat" {
 		limit = media.FAT32()
 	}
-	src, runner, err := cmd.open([]string{cmd.Node}, limit, true)
+	p := startMediaProgress(env)
+	defer p.end()
+	src, runner, err := cmd.open([]string{cmd.Node}, limit, true, p)
 	if err != nil {
 		return err
 	}
@@ -201,11 +275,15 @@ func (cmd *MediaCidataCmd) Run(env *Env) error {
 	if err != nil {
 		return err
 	}
+	if fi, err := os.Stat(runner); err == nil {
+		p.copyTotal.Store(src.VerifyBytes() + fi.Size()) // the bundle, its pack if thin, the runner
+	}
 	if err := media.WriteSeed(cmd.Out, src, runner, cmd.Node, cmd.Format, epoch); err != nil {
 		return mediaError(err)
 	}
 	b, _ := src.Bundle(cmd.Node)
 	format := map[string]string{"iso": "iso9660", "fat": "fat32"}[cmd.Format]
+	p.end()
 	return cmd.report(env, medium{Out: cmd.Out, Medium: "cidata", Format: format, Label: media.SeedLabel, Epoch: epoch, InstanceID: media.InstanceID(b.Node, b.ManifestDigest)},
 		fmt.Sprintf("cloud-init seed (%s, labelled %s) for %s", cmd.Format, media.SeedLabel, cmd.Node), src)
 }

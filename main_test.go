@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -283,4 +285,51 @@ func reencrypt(src, identity, recipient, dst string, truncate bool) error {
 		}
 	}
 	return tw.Close()
+}
+
+// TestMediaProgress: on a terminal the media commands draw how much has
+// been verified and written, ending at the totals; otherwise stderr stays
+// empty, and --json's stdout is the object alone.
+func TestMediaProgress(t *testing.T) {
+	dir := t.TempDir()
+	if err := copyTree("testdata/quickstart", filepath.Join(dir, "qs"), "secrets"); err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(dir, "qs", "cluster.toml")
+	outDir := filepath.Join(dir, "out")
+	var stdout, stderr bytes.Buffer
+	env := &Env{Stdout: &stdout, Stderr: &stderr, Now: time.Now, Rand: rand.Reader, Getenv: func(string) string { return "" }}
+	if code := run([]string{"build", "-c", cfg, "-o", outDir}, env); code != 0 {
+		t.Fatalf("build exited %d:\n%s", code, stderr.String())
+	}
+	line := regexp.MustCompile(`\rverified ([0-9.]+)/([0-9.]+) MiB, written ([0-9.]+)/([0-9.]+) MiB \n$`)
+	for _, args := range [][]string{
+		{"media", "iso", "-o", filepath.Join(dir, "c.iso")},
+		{"media", "usb", "-o", filepath.Join(dir, "c.img")},
+		{"media", "cidata", "-o", filepath.Join(dir, "s.iso"), "w1"},
+		{"media", "cidata", "--format", "fat", "-o", filepath.Join(dir, "s.img"), "w1"},
+	} {
+		args = append(args, "-c", cfg, "--from", outDir)
+		for _, tty := range []bool{true, false} {
+			stdout.Reset()
+			stderr.Reset()
+			env.IsTerminal = tty
+			if code := run(append(args, "--json"), env); code != 0 {
+				t.Fatalf("airadm %v exited %d:\n%s", args, code, stderr.String())
+			}
+			if !json.Valid(stdout.Bytes()) {
+				t.Errorf("airadm %v --json: stdout is not JSON:\n%s", args, stdout.String())
+			}
+			if !tty {
+				if stderr.Len() != 0 {
+					t.Errorf("airadm %v, not on a terminal, wrote to stderr:\n%q", args, stderr.String())
+				}
+				continue
+			}
+			m := line.FindStringSubmatch(stderr.String())
+			if m == nil || m[1] != m[2] || m[3] != m[4] || m[4] == "0.0" {
+				t.Errorf("airadm %v on a terminal: the progress line does not end at its totals:\n%q", args, stderr.String())
+			}
+		}
+	}
 }

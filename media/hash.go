@@ -110,7 +110,7 @@ func copyHashed(w io.Writer, tf File, first int) copied {
 	}
 	defer in.Close()
 	p := newPipeHash()
-	n, err := copyChunks(w, io.LimitReader(in, tf.Size+1), p, first) // one byte past the size tells a file that grew
+	n, err := copyChunks(tf.meter.copying(w), io.LimitReader(in, tf.Size+1), p, first) // one byte past the size tells a file that grew
 	return copied{n: n, sum: p.sum(), err: err}
 }
 

@@ -72,6 +72,9 @@ type Source struct {
 	// Pack is the build's images.pack, verified, when the bundles are thin;
 	// every medium carries it once.
 	Pack *Bundle
+	// Meter, when set, counts what Verify reads and what the Trees made
+	// of this Source copy.
+	Meter *Meter
 	// Signed holds the build's SHA256SUMS and SHA256SUMS.sig, byte for
 	// byte, when the build was signed: a medium then carries both as they
 	// are, since any other SHA256SUMS would break the signature.
@@ -184,7 +187,7 @@ func Scan(dir string, c *render.Cluster, nodes []string, limit SizeLimit) (*Sour
 		if b.peek(c.Name, sums[b.Name]) {
 			continue
 		}
-		if err := b.verify(c.Name, true); err != nil {
+		if err := b.verify(c.Name, true, nil); err != nil {
 			return nil, err
 		}
 	}
@@ -236,7 +239,7 @@ func (s *Source) verifyAll(wholeFile bool) error {
 			continue
 		}
 		peeked := *b
-		if err := b.verify(s.Cluster.Name, wholeFile); err != nil {
+		if err := b.verify(s.Cluster.Name, wholeFile, s.Meter); err != nil {
 			return err
 		}
 		if b.ManifestDigest != peeked.ManifestDigest || b.SHA256 != peeked.SHA256 {
@@ -295,10 +298,10 @@ func (s *Source) verifyPack(wholeFile bool) error {
 		return inputErrorf("opening the image pack the thin bundles need: %w", err)
 	}
 	defer f.Close()
-	var r io.Reader = f
+	r := s.Meter.verifying(f)
 	h := sha256.New()
 	if wholeFile {
-		r = io.TeeReader(f, h)
+		r = io.TeeReader(r, h)
 	}
 	_, digest, err := bundle.VerifyPack(r)
 	if err != nil {
@@ -329,7 +332,7 @@ const tooLargeHint = "write an ISO instead (airadm media iso), which has no such
 // verify reads b through the verifying reader; with wholeFile, or when
 // SHA256SUMS gives no manifest digest, it also hashes the whole file
 // against its line (see VerifyEntries).
-func (b *Bundle) verify(cluster string, wholeFile bool) error {
+func (b *Bundle) verify(cluster string, wholeFile bool, m *Meter) error {
 	v, err := trust.Find(b.Path, "", nil)
 	if err != nil {
 		return &InputError{err}
@@ -339,9 +342,10 @@ func (b *Bundle) verify(cluster string, wholeFile bool) error {
 		return &InputError{fmt.Errorf("opening bundle: %w", err)}
 	}
 	defer f.Close()
+	r := m.verifying(f)
 	wantFile := v.FileSHA256
 	wholeFile = wholeFile || v.ManifestDigest == ""
-	var m *bundle.Manifest
+	var man *bundle.Manifest
 	var digest, got string
 	if wholeFile {
 		// trust.Verify would hash the whole file in the reader's pass;
@@ -349,17 +353,17 @@ func (b *Bundle) verify(cluster string, wholeFile bool) error {
 		// this pass, which reads every byte before anything is written.
 		whole := newPipeHash()
 		v.FileSHA256 = ""
-		m, digest, err = trust.Verify(io.TeeReader(f, whole), v, bundle.Visitor{})
+		man, digest, err = trust.Verify(io.TeeReader(r, whole), v, bundle.Visitor{})
 		if err == nil {
 			// The reader stops at the end of the archive; anything after
 			// it still counts, as it does for sha256sum.
-			_, err = io.Copy(whole, f)
+			_, err = io.Copy(whole, r)
 		}
 		got = whole.sum()
 	} else {
 		// The reader still reads to the end and refuses any byte after
 		// the archive.
-		m, digest, err = trust.Verify(f, v.ManifestBound(), bundle.Visitor{})
+		man, digest, err = trust.Verify(r, v.ManifestBound(), bundle.Visitor{})
 		got = wantFile // as claimed; copyInto checks it
 	}
 	if err != nil {
@@ -370,8 +374,8 @@ func (b *Bundle) verify(cluster string, wholeFile bool) error {
 	if got != wantFile {
 		return &InputError{fmt.Errorf("verifying %s: file sha256 %s is not %s from %s (the file was altered outside its entries, or is another build): %w", b.Path, got, wantFile, v.From, trust.ErrUntrusted)}
 	}
-	if m.Node != b.Node.Name || m.Cluster != cluster {
-		return inputErrorf("verifying %s: it is node %s of cluster %s, not node %s of cluster %s", b.Path, m.Node, m.Cluster, b.Node.Name, cluster)
+	if man.Node != b.Node.Name || man.Cluster != cluster {
+		return inputErrorf("verifying %s: it is node %s of cluster %s, not node %s of cluster %s", b.Path, man.Node, man.Cluster, b.Node.Name, cluster)
 	}
 	fi, err := f.Stat()
 	if err != nil {
@@ -380,7 +384,7 @@ func (b *Bundle) verify(cluster string, wholeFile bool) error {
 	if fi.Size() != b.Size || !fi.ModTime().Equal(b.modTime) {
 		return inputErrorf("verifying %s: it changed while it was read; run again once nothing writes it", b.Path)
 	}
-	b.SHA256, b.ManifestDigest, b.BuildTime, b.pack = got, digest, m.BuildTime, m.Pack
+	b.SHA256, b.ManifestDigest, b.BuildTime, b.pack = got, digest, man.BuildTime, man.Pack
 	b.verified, b.fileChecked = true, wholeFile
 	return nil
 }

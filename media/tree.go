@@ -30,6 +30,8 @@ type File struct {
 	bundle *Bundle
 	// sum is From's hex sha256, as verified.
 	sum string
+	// meter, when set, counts the bytes copied from From.
+	meter *Meter
 }
 
 // Tree is what one medium holds, in the order it is written.
@@ -67,7 +69,7 @@ func ClusterTree(src *Source, runner string, m Mount) (Tree, error) {
 		return nil, err
 	}
 	t := Tree{r, {Path: InstallPath, Mode: 0o644, Data: installText(src, sum, m)}}
-	return append(t, bundleFiles(src, src.Bundles, sum)...), nil
+	return append(t, bundleFiles(src, src.Bundles, sum)...).metered(src.Meter), nil
 }
 
 // SeedTree is node's cloud-init NoCloud seed: meta-data, network-config
@@ -95,7 +97,7 @@ func SeedTree(src *Source, runner, node string, fat bool) (Tree, error) {
 		r,
 		{Path: InstallPath, Mode: 0o644, Data: installText(one, sum, Mount{Label: SeedLabel, FAT: fat})},
 	}
-	return append(t, bundleFiles(one, one.Bundles, sum)...), nil
+	return append(t, bundleFiles(one, one.Bundles, sum)...).metered(src.Meter), nil
 }
 
 // WriteSeed writes node's NoCloud seed at path, as an ISO 9660 image

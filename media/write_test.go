@@ -386,3 +386,44 @@ func scanCopy(t *testing.T, c *render.Cluster, out string, damage ...func(dir st
 	}
 	return d, src, tr
 }
+
+// TestMeter: a Source's Meter ends at every byte verification read and
+// every byte each medium copied, which is what the progress line shows.
+func TestMeter(t *testing.T) {
+	c, out := quickstart(t)
+	for _, m := range media(t) {
+		t.Run(m.name, func(t *testing.T) {
+			src, err := Scan(out, c, nil, FAT32())
+			if err != nil {
+				t.Fatal(err)
+			}
+			meter := &Meter{}
+			src.Meter = meter
+			if err := src.Verify(); err != nil {
+				t.Fatal(err)
+			}
+			if got, want := meter.Verified(), src.VerifyBytes(); got != want || want == 0 {
+				t.Errorf("verified %d bytes, want %d", got, want)
+			}
+			if err := m.write(t, src, filepath.Join(t.TempDir(), "img"), src.Epoch()); err != nil {
+				t.Fatal(err)
+			}
+			fi, err := os.Stat(runner(t))
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := fi.Size()
+			for _, b := range src.Bundles {
+				if !m.seed || b.Node.Name == "w1" {
+					want += b.Size
+				}
+			}
+			if got := meter.Copied(); got != want {
+				t.Errorf("copied %d bytes, want %d (the runner and the bundles)", got, want)
+			}
+			if got := meter.Verified(); got != src.VerifyBytes() {
+				t.Errorf("verified %d bytes after the write, want %d: nothing is read twice for it", got, src.VerifyBytes())
+			}
+		})
+	}
+}
