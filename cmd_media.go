@@ -109,7 +109,8 @@ func mib(n, total int64) string {
 	return fmt.Sprintf(f+"/"+f+" MiB", float64(n)/(1<<20), float64(total)/(1<<20))
 }
 
-// end clears the line, before anything else is printed.
+// end draws the line a last time and ends it, so that what is printed
+// next starts on a line of its own; it may be called again.
 func (p *mediaProgress) end() {
 	select {
 	case <-p.done:
