@@ -7,7 +7,6 @@ import (
 	"os"
 	"runtime"
 	"strconv"
-	"sync/atomic"
 	"time"
 
 	"airadm.dev/airadm/media"
@@ -51,7 +50,6 @@ func (f mediaFlags) open(nodes []string, limit media.SizeLimit, verify bool, p *
 		return nil, "", mediaError(err)
 	}
 	src.Meter = &p.Meter
-	p.verifyTotal.Store(src.VerifyBytes())
 	if verify {
 		if err := src.Verify(); err != nil {
 			return nil, "", mediaError(err)
@@ -64,10 +62,7 @@ func (f mediaFlags) open(nodes []string, limit media.SizeLimit, verify bool, p *
 // verified and how much copied onto the medium, four times a second.
 type mediaProgress struct {
 	media.Meter
-	// verifyTotal and copyTotal are known once the bundles are scanned
-	// and the medium's tree is made.
-	verifyTotal, copyTotal atomic.Int64
-	stop, done             chan struct{}
+	stop, done chan struct{}
 }
 
 func startMediaProgress(env *Env) *mediaProgress {
@@ -89,7 +84,7 @@ func startMediaProgress(env *Env) *mediaProgress {
 				stopped = true // drawn once more: where it ended
 			case <-tick.C:
 			}
-			line.line(fmt.Sprintf("verified %s, written %s", mib(p.Verified(), p.verifyTotal.Load()), mib(p.Copied(), p.copyTotal.Load())))
+			line.line(fmt.Sprintf("verified %s, written %s", ofTotal(p.Verified()), ofTotal(p.Copied())))
 			if stopped {
 				return
 			}
@@ -98,16 +93,7 @@ func startMediaProgress(env *Env) *mediaProgress {
 	return p
 }
 
-func mib(n, total int64) string {
-	f := "%.0f"
-	if max(n, total) < 10<<20 {
-		f = "%.1f"
-	}
-	if total == 0 {
-		return fmt.Sprintf(f+" MiB", float64(n)/(1<<20))
-	}
-	return fmt.Sprintf(f+"/"+f+" MiB", float64(n)/(1<<20), float64(total)/(1<<20))
-}
+func ofTotal(done, total int64) string { return humanBytes(done) + " of " + humanBytes(total) }
 
 // end draws the line a last time and ends it, so that what is printed
 // next starts on a line of its own; it may be called again.
@@ -212,7 +198,6 @@ func (cmd *MediaISOCmd) Run(env *Env) error {
 	if err != nil {
 		return mediaError(err)
 	}
-	p.copyTotal.Store(t.CopyBytes())
 	if err := media.WriteISO(cmd.Out, t, media.ISOOptions{Label: cmd.Label, Epoch: epoch, Verify: src.VerifyEntries}); err != nil {
 		return mediaError(err)
 	}
@@ -245,7 +230,6 @@ func (cmd *MediaUSBCmd) Run(env *Env) error {
 	if err != nil {
 		return mediaError(err)
 	}
-	p.copyTotal.Store(t.CopyBytes())
 	if err := media.WriteFAT(cmd.Out, t, media.FATOptions{Label: cmd.Label, Epoch: epoch, Partitioned: true}); err != nil {
 		return mediaError(err)
 	}
@@ -275,9 +259,6 @@ func (cmd *MediaCidataCmd) Run(env *Env) error {
 	epoch, err := mediaEpoch(env, src)
 	if err != nil {
 		return err
-	}
-	if fi, err := os.Stat(runner); err == nil {
-		p.copyTotal.Store(src.VerifyBytes() + fi.Size()) // the bundle, its pack if thin, the runner
 	}
 	if err := media.WriteSeed(cmd.Out, src, runner, cmd.Node, cmd.Format, epoch); err != nil {
 		return mediaError(err)

@@ -302,7 +302,8 @@ func TestMediaProgress(t *testing.T) {
 	if code := run([]string{"build", "-c", cfg, "-o", outDir}, env); code != 0 {
 		t.Fatalf("build exited %d:\n%s", code, stderr.String())
 	}
-	line := regexp.MustCompile(`\rverified ([0-9.]+)/([0-9.]+) MiB, written ([0-9.]+)/([0-9.]+) MiB \n$`)
+	size := `([0-9.]+ (?:B|KiB|MiB|GiB))`
+	line := regexp.MustCompile(`\rverified ` + size + ` of ` + size + `, written ` + size + ` of ` + size + ` \n$`)
 	for _, args := range [][]string{
 		{"media", "iso", "-o", filepath.Join(dir, "c.iso")},
 		{"media", "usb", "-o", filepath.Join(dir, "c.img")},
@@ -327,7 +328,7 @@ func TestMediaProgress(t *testing.T) {
 				continue
 			}
 			m := line.FindStringSubmatch(stderr.String())
-			if m == nil || m[1] != m[2] || m[3] != m[4] || m[4] == "0.0" {
+			if m == nil || m[1] != m[2] || m[3] != m[4] || m[4] == "0 B" {
 				t.Errorf("airadm %v on a terminal: the progress line does not end at its totals:\n%q", args, stderr.String())
 			}
 		}

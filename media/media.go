@@ -233,6 +233,7 @@ func (s *Source) Verify() error { return s.verifyAll(true) }
 func (s *Source) VerifyEntries() error { return s.verifyAll(false) }
 
 func (s *Source) verifyAll(wholeFile bool) error {
+	s.Meter.expectVerify(s)
 	for i := range s.Bundles {
 		b := &s.Bundles[i]
 		if b.verified {

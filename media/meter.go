@@ -6,20 +6,21 @@ import (
 )
 
 // Meter counts the bytes a medium's write has verified and copied so far,
-// for a progress line; it is safe to read from any goroutine while the
-// write runs. Set it on the Source before Verify and before the Tree is
-// made (ClusterTree, SeedTree).
+// and the totals of what it has begun to verify and copy, for a progress
+// line; it is safe to read from any goroutine while the write runs. Set
+// it on the Source before Verify and before the Tree is made
+// (ClusterTree, SeedTree).
 type Meter struct {
-	verified, copied atomic.Int64
+	verified, verifyTotal, copied, copyTotal atomic.Int64
 }
 
 // Verified is how many bytes of the bundles (and pack) have been read
-// through verification.
-func (m *Meter) Verified() int64 { return m.verified.Load() }
+// through verification, of the total of the verifications begun.
+func (m *Meter) Verified() (done, total int64) { return m.verified.Load(), m.verifyTotal.Load() }
 
 // Copied is how many bytes of the files copied onto the medium (bundles,
-// pack, runner) have been written.
-func (m *Meter) Copied() int64 { return m.copied.Load() }
+// pack, runner) have been written, of the total of the Trees made.
+func (m *Meter) Copied() (done, total int64) { return m.copied.Load(), m.copyTotal.Load() }
 
 // counting adds the length of each read or write to n.
 type counting struct {
@@ -56,33 +57,35 @@ func (m *Meter) copying(w io.Writer) io.Writer {
 	return counting{w: w, n: &m.copied}
 }
 
-// VerifyBytes is how many bytes Verify reads: every bundle and the pack.
-func (s *Source) VerifyBytes() int64 {
+// expectVerify adds what s has yet to verify to m's total (nil: not
+// counted).
+func (m *Meter) expectVerify(s *Source) {
+	if m == nil {
+		return
+	}
 	n := int64(0)
 	for _, b := range s.Bundles {
-		n += b.Size
-	}
-	if s.Pack != nil {
-		n += s.Pack.Size
-	}
-	return n
-}
-
-// CopyBytes is how many bytes writing t copies from files on disk.
-func (t Tree) CopyBytes() int64 {
-	n := int64(0)
-	for _, f := range t {
-		if f.From != "" {
-			n += f.Size
+		if !b.verified {
+			n += b.Size
 		}
 	}
-	return n
+	if s.Pack != nil && !s.Pack.verified {
+		n += s.Pack.Size
+	}
+	m.verifyTotal.Add(n)
 }
 
-// metered counts t's copies on m.
+// metered counts t's copies on m, and adds them to m's total (nil: not
+// counted).
 func (t Tree) metered(m *Meter) Tree {
+	if m == nil {
+		return t
+	}
 	for i := range t {
 		t[i].meter = m
+		if t[i].From != "" {
+			m.copyTotal.Add(t[i].Size)
+		}
 	}
 	return t
 }

@@ -402,8 +402,12 @@ func TestMeter(t *testing.T) {
 			if err := src.Verify(); err != nil {
 				t.Fatal(err)
 			}
-			if got, want := meter.Verified(), src.VerifyBytes(); got != want || want == 0 {
-				t.Errorf("verified %d bytes, want %d", got, want)
+			read := int64(0)
+			for _, b := range src.Bundles {
+				read += b.Size
+			}
+			if got, total := meter.Verified(); got != read || total != read || read == 0 {
+				t.Errorf("verified %d bytes of %d, want %d of %d", got, total, read, read)
 			}
 			if err := m.write(t, src, filepath.Join(t.TempDir(), "img"), src.Epoch()); err != nil {
 				t.Fatal(err)
@@ -418,11 +422,11 @@ func TestMeter(t *testing.T) {
 					want += b.Size
 				}
 			}
-			if got := meter.Copied(); got != want {
-				t.Errorf("copied %d bytes, want %d (the runner and the bundles)", got, want)
+			if got, total := meter.Copied(); got != want || total != want {
+				t.Errorf("copied %d bytes of %d, want %d of %d (the runner and the bundles)", got, total, want, want)
 			}
-			if got := meter.Verified(); got != src.VerifyBytes() {
-				t.Errorf("verified %d bytes after the write, want %d: nothing is read twice for it", got, src.VerifyBytes())
+			if got, total := meter.Verified(); got != read || total != read {
+				t.Errorf("verified %d bytes of %d after the write, want %d of %d: nothing is read twice for it", got, total, read, read)
 			}
 		})
 	}
